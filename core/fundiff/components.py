@@ -1,0 +1,392 @@
+"""The component kinds: one abstract base class per kind of design in the survey.
+
+A component is a frozen attrs class whose fields are its recipe parameters. The recipe
+section ``schedule: {name: cosine, offset: 0.008}`` is structured into ``Cosine(offset=0.008)``
+after the registry resolves ``cosine``; ``fundiff show schedule/cosine`` lists the same
+fields. Write a component like this::
+
+    import attrs, torch
+    from fundiff import Schedule, hookimpl
+
+    @attrs.frozen(kw_only=True)
+    class Quadratic(Schedule):
+        '''logSNR falling quadratically from `start` to `end`.'''
+        start: float = attrs.field(default=10.0, metadata={"doc": "logSNR at t = 0"})
+        end: float = attrs.field(default=-10.0, metadata={"doc": "logSNR at t = 1"})
+
+        def logsnr(self, t):
+            return self.start + (self.end - self.start) * t * (2 - t)
+        ...
+
+    @hookimpl
+    def fundiff_register_schedules(register):
+        register("quadratic", Quadratic)
+
+Components also declare capabilities: ``provides`` (what they bring to a recipe, e.g.
+``"gaussian-marginals"``) and ``requires`` (what must be provided by some other component
+of the same recipe). A recipe whose requirements are not met is refused at load time, with
+a message naming the component, the requirement and the registered components that provide
+it.
+
+The training and sampling loops call these plain objects; hooks only register them.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
+
+import attrs
+import torch
+
+from .noiselevel import Level
+
+if TYPE_CHECKING:
+    from .rng import NoiseStream
+
+#: Capability names used by the built-in components. Third-party ones may add their own.
+GAUSSIAN_MARGINALS = "gaussian-marginals"
+GAUSSIAN_NOISE = "gaussian-noise"
+
+
+class Component(metaclass=abc.ABCMeta):
+    """Base of every component. Subclasses are frozen attrs classes (their parameters)."""
+
+    kind: ClassVar[str] = ""
+    #: capabilities this component brings to a recipe
+    provides: ClassVar[frozenset[str]] = frozenset()
+    #: capabilities some other component of the recipe must provide
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def check_recipe(self, components: "dict[str, Component]") -> list[str]:
+        """Return problems with the other components of a recipe beyond requires/provides.
+
+        Called once when a recipe is loaded; ``components`` maps kind to instance. The
+        default finds nothing. Each problem is one sentence naming the cause and the fix.
+        """
+        return []
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class DataSpec:
+    """What the rest of a recipe needs to know about a data set."""
+
+    shape: tuple[int, ...]  # shape of one example
+    num_classes: int = 0  # 0: unlabelled
+    modality: str = "points"  # "points" (scatter plots) or "images" (C, H, W grids)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@attrs.frozen(kw_only=True)
+class Data:
+    """A data set in memory: ``x`` is (N, *shape) float32, ``labels`` (N,) int64 or None."""
+
+    x: torch.Tensor
+    spec: DataSpec
+    labels: Optional[torch.Tensor] = None
+
+
+class DataSet(Component):
+    """A data set (registered through ``fundiff_register_data``).
+
+    ``load()`` returns a :class:`Data`, deterministic for given parameters, from data the
+    package ships or generates (no downloads). ``spec()`` returns its :class:`DataSpec`
+    without loading, so models can be built and recipes checked cheaply.
+    """
+
+    kind = "data"
+
+    @abc.abstractmethod
+    def spec(self) -> DataSpec: ...
+
+    @abc.abstractmethod
+    def load(self) -> Data: ...
+
+
+# --------------------------------------------------------------------------------------
+# Forward process: schedule, noise, chain
+# --------------------------------------------------------------------------------------
+
+
+class Schedule(Component):
+    """A noise schedule: a strictly decreasing map from t in [0, 1] to logSNR lambda(t).
+
+    ``logsnr`` and ``t_from_logsnr`` take and return tensors (float64 in, float64 out).
+    ``t_min`` is the smallest t at which a model is evaluated (> 0 when lambda(0) = +inf).
+    Discrete schedules (a T-step chain) subclass :class:`DiscreteSchedule`.
+    """
+
+    kind = "schedule"
+
+    @abc.abstractmethod
+    def logsnr(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def t_from_logsnr(self, logsnr: torch.Tensor) -> torch.Tensor: ...
+
+    @property
+    def t_min(self) -> float:
+        return 0.0
+
+    def logsnr_at(self, t: float) -> float:
+        """lambda(t) on the host as a Python float (used for sampler grids)."""
+        return float(self.logsnr(torch.tensor(t, dtype=torch.float64)))
+
+
+class DiscreteSchedule(Schedule):
+    """A schedule defined by T betas (survey sec. 2.2.1, DDPM's discrete chain).
+
+    Subclasses implement ``betas()``; everything else derives from it, so the betas are
+    stored once. alpha_bar_k = prod_{i<=k} (1 - beta_i) sits at t = k / T; between grid
+    points log alpha_bar is interpolated linearly in t, which keeps lambda strictly
+    decreasing and makes the continuous map agree with the discrete chain at grid points.
+    """
+
+    num_steps: int
+
+    @abc.abstractmethod
+    def betas(self) -> torch.Tensor:
+        """The T betas as a float64 tensor."""
+
+    def log_alpha_bar_grid(self) -> torch.Tensor:
+        """log alpha_bar at t = 0, 1/T, ..., 1 (T + 1 values, the first 0)."""
+        betas = self.betas().to(torch.float64)
+        return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-betas), 0)])
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alpha_bar_1 .. alpha_bar_T, as in the DDPM paper (T values)."""
+        return torch.exp(self.log_alpha_bar_grid()[1:])
+
+    @property
+    def t_min(self) -> float:
+        return 1.0 / self.num_steps
+
+    def _log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        grid = self.log_alpha_bar_grid()
+        pos = t.to(torch.float64).clamp(0.0, 1.0) * self.num_steps
+        lo = pos.floor().clamp(max=self.num_steps - 1)
+        frac = pos - lo
+        lo = lo.long()
+        return grid[lo] * (1.0 - frac) + grid[lo + 1] * frac
+
+    def logsnr(self, t: torch.Tensor) -> torch.Tensor:
+        log_ab = self._log_alpha_bar(t)
+        # lambda = log(ab / (1 - ab)); log(1 - ab) = log(-expm1(log ab)) is exact near ab = 1
+        return log_ab - torch.log(-torch.expm1(log_ab))
+
+    def t_from_logsnr(self, logsnr: torch.Tensor) -> torch.Tensor:
+        logsnr = torch.as_tensor(logsnr, dtype=torch.float64)
+        # invert lambda = log(ab / (1 - ab)):  log ab = -softplus(-lambda)
+        log_ab = -torch.nn.functional.softplus(-logsnr)
+        grid = self.log_alpha_bar_grid()  # decreasing in t
+        k = torch.searchsorted(-grid, -log_ab, right=False).clamp(1, self.num_steps)
+        left, right = grid[k - 1], grid[k]
+        frac = (left - log_ab) / (left - right)
+        return ((k - 1).to(torch.float64) + frac) / self.num_steps
+
+
+class Noise(Component):
+    """A noise type: draws the perturbation, zero mean and unit variance per element unless
+    the component documents otherwise.
+
+    ``sample(stream, draw)`` returns a tensor of shape ``(batch, *sample_shape)`` from the
+    per-sample random stream, so sample i's noise never depends on the batch around it.
+    """
+
+    kind = "noise"
+
+    @abc.abstractmethod
+    def sample(self, stream: "NoiseStream", draw: int) -> torch.Tensor: ...
+
+
+class Chain(Component):
+    """A transition chain: maps logSNR to (alpha, sigma), perturbs data, gives the prior.
+
+    Gaussian chains provide ``"gaussian-marginals"``: x_t = alpha x0 + sigma eps.
+    """
+
+    kind = "chain"
+
+    @abc.abstractmethod
+    def alpha_sigma(self, logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, sigma) for a tensor of logSNR values (same shape, dtype, device)."""
+
+    @abc.abstractmethod
+    def level(self, logsnr: float) -> Level:
+        """A host-side :class:`Level` for one logSNR value (float64 math, no tensors)."""
+
+    def perturb(self, x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x_t given data, noise and per-sample (alpha, sigma) already shaped to broadcast."""
+        return alpha * x0 + sigma * noise
+
+    @abc.abstractmethod
+    def prior(self, level: Level, noise: torch.Tensor) -> torch.Tensor:
+        """The sampler's initial state at ``level`` from standard noise."""
+
+
+# --------------------------------------------------------------------------------------
+# Reverse process: denoiser, parameterization, weighting
+# --------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class BuildContext:
+    """What a denoiser's ``build`` may look at: the data spec and the recipe's components."""
+
+    spec: DataSpec
+    components: dict  # kind -> component instance
+
+
+class Denoiser(Component):
+    """A denoiser network factory.
+
+    ``build(context)`` returns a ``torch.nn.Module`` whose ``forward(x, logsnr, cond=None)``
+    takes the (input-scaled) noisy batch ``x`` of shape (B, *shape), per-sample logSNR of
+    shape (B,) and an optional condition (B,) int64 class labels (-1: no condition), and
+    returns a tensor shaped like ``x`` in the parameterization's output space. Set
+    ``trainable = False`` for closed-form denoisers that need no training.
+    """
+
+    kind = "denoiser"
+    trainable: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def build(self, context: BuildContext) -> torch.nn.Module: ...
+
+    def uses_labels(self, spec: DataSpec) -> bool:
+        """Whether the built network takes class labels for this data (default: no).
+
+        Conditional denoisers are trained with the data's labels and sampled with labels
+        drawn from the data's label frequencies (or one fixed label, ``sample.label``).
+        """
+        return False
+
+
+class Parameterization(Component):
+    """What the network predicts, and how that converts to x0 (survey sec. 4.2).
+
+    All methods take tensors; ``alpha`` and ``sigma`` broadcast against ``x_t``.
+    ``from_x0`` is the inverse of ``to_x0``: the output an ideal network would give if its
+    x0 estimate were ``x0``. ``log_x0_mse_factor`` is log(||out - target||^2 / ||x0_hat -
+    x0||^2), the factor that lets a weighting stated in x0 units apply to any target.
+    """
+
+    kind = "parameterization"
+
+    def input_scale(self, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | float:
+        """c_in: the network sees ``input_scale * x_t`` (1 unless preconditioned)."""
+        return 1.0
+
+    @abc.abstractmethod
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.Tensor, alpha, sigma) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def to_x0(self, out: torch.Tensor, x_t: torch.Tensor, alpha, sigma) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, alpha, sigma) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def log_x0_mse_factor(self, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...
+
+
+class Weighting(Component):
+    """A training density over noise levels plus a loss weight (survey sec. 4.3.2).
+
+    ``sample_logsnr(u, schedule)`` maps uniforms u in (0, 1) (float64, shape (B,)) to the
+    training logSNRs. ``log_x0_weight(logsnr, alpha, sigma)`` is log w(lambda) for the
+    x0-MSE; the trainer divides by the parameterization's MSE factor, so one weighting means
+    the same objective whatever the network predicts.
+    """
+
+    kind = "weighting"
+
+    @abc.abstractmethod
+    def sample_logsnr(self, u: torch.Tensor, schedule: Schedule) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def log_x0_weight(self, logsnr: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...
+
+
+# --------------------------------------------------------------------------------------
+# Sampling procedure: guidance, sampler
+# --------------------------------------------------------------------------------------
+
+#: ``predict(x, level, cond) -> x0``: the model's x0 estimate for a condition (or None)
+ConditionalPredict = Callable[[torch.Tensor, Level, Optional[torch.Tensor]], torch.Tensor]
+#: ``denoise(x, level) -> x0``: what samplers call
+Denoise = Callable[[torch.Tensor, Level], torch.Tensor]
+
+
+class Guidance(Component):
+    """How a condition steers sampling (survey sec. 5.1), and what it changes in training.
+
+    ``denoise(predict, x, level, cond)`` returns the guided x0 estimate, calling
+    ``predict`` as often as it needs. ``training_condition(cond, u)`` may drop conditions
+    during training (u: per-sample uniforms); the default keeps them.
+    """
+
+    kind = "guidance"
+
+    def training_condition(self, cond: Optional[torch.Tensor], u: torch.Tensor) -> Optional[torch.Tensor]:
+        return cond
+
+    @abc.abstractmethod
+    def denoise(
+        self, predict: ConditionalPredict, x: torch.Tensor, level: Level, cond: Optional[torch.Tensor]
+    ) -> torch.Tensor: ...
+
+
+def _at_least_one(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class Sampler(Component):
+    """A sampler: walks a decreasing sequence of noise levels (survey sec. 5).
+
+    ``sample(denoise, x, levels, noise, callback)`` starts from ``x`` at ``levels[0]`` and
+    returns the state at ``levels[-1]`` (the clean level when it has sigma = 0).
+    ``denoise(x, level)`` is the x0 estimate; ``levels`` are host-side :class:`Level`
+    objects, so coefficients are Python floats and the loop never synchronises with the
+    device. Fresh noise comes from ``noise.normal(draw)`` with a draw index the sampler
+    picks (its step index); ``callback(i, x, x0)`` is called after each step when given.
+    Multi-evaluation methods call ``denoise`` as often as they need.
+    """
+
+    kind = "sampler"
+    steps: int = attrs.field(default=50, validator=_at_least_one, metadata={"doc": "number of steps"})
+
+    @abc.abstractmethod
+    def sample(
+        self,
+        denoise: Denoise,
+        x: torch.Tensor,
+        levels: Sequence[Level],
+        noise: Optional["NoiseStream"] = None,
+        callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+    ) -> torch.Tensor: ...
+
+
+KIND_BASES: dict[str, type[Component]] = {
+    "data": DataSet,
+    "schedule": Schedule,
+    "noise": Noise,
+    "chain": Chain,
+    "denoiser": Denoiser,
+    "parameterization": Parameterization,
+    "weighting": Weighting,
+    "guidance": Guidance,
+    "sampler": Sampler,
+}
+KINDS: tuple[str, ...] = tuple(KIND_BASES)

@@ -1,0 +1,509 @@
+"""The generic training loop and sampling driver, and run directories.
+
+A :class:`Pipeline` holds a recipe's components and the denoiser network built from them.
+Training draws everything random from per-sample counter-based streams keyed by (seed,
+step, position), so a resumed run continues the exact trajectory of an uninterrupted one
+from the checkpoint alone. Sampling draws the prior and the fresh noise per *global sample
+index*, so sample i is identical whatever the batch size.
+
+A run directory holds::
+
+    recipe.yaml              the resolved recipe (every default filled in)
+    plugins.json             which plugin, distribution and version provided each component
+    checkpoint.safetensors   model, EMA and optimizer state, written atomically
+    metrics.jsonl            one JSON object per logged step
+    samples/                 what ``fundiff sample`` wrote
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+import yaml
+
+from . import noiselevel, rng
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .components import BuildContext, Chain, Denoise, Guidance, Parameterization, Sampler, Schedule
+from .errors import FundiffError
+from .noiselevel import Level
+from .recipe import Recipe, load_recipe, read_recipe_file
+from .registry import Registry
+
+RECIPE_FILE = "recipe.yaml"
+PLUGINS_FILE = "plugins.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+METRICS_FILE = "metrics.jsonl"
+
+# Recipe entries that may differ between a checkpoint and the recipe that resumes it.
+_RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.log_every", "train.device"}
+
+
+# --------------------------------------------------------------------------------------
+# Sampling building blocks (usable without a recipe)
+# --------------------------------------------------------------------------------------
+
+
+def noise_levels(schedule: Schedule, chain: Chain, steps: int) -> list[Level]:
+    """``steps + 1`` host-side levels: t = 1, 1 - 1/steps, ..., 1/steps, then clean data.
+
+    Evenly spaced in t (the spacing of the schedule itself); the last level has sigma = 0,
+    so a sampler's final step returns its x0 estimate. Computed once, on the host.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    ts = torch.tensor([1.0 - i / steps for i in range(steps)], dtype=torch.float64)
+    logsnrs = schedule.logsnr(ts).tolist()
+    return [chain.level(lam) for lam in logsnrs] + [chain.level(math.inf)]
+
+
+def make_predict(model: torch.nn.Module, parameterization: Parameterization):
+    """``predict(x, level, cond) -> x0`` from a network and its parameterization."""
+
+    def predict(x: torch.Tensor, level: Level, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        # a host float filled on the device: no device-to-host synchronisation
+        logsnr = torch.full((x.shape[0],), level.logsnr, dtype=x.dtype, device=x.device)
+        scale = parameterization.input_scale(level.alpha, level.sigma)
+        out = model(x * scale if not (isinstance(scale, float) and scale == 1.0) else x, logsnr, cond)
+        return parameterization.to_x0(out, x, level.alpha, level.sigma)
+
+    return predict
+
+
+def make_denoise(
+    model: torch.nn.Module, parameterization: Parameterization, guidance: Guidance, cond: Optional[torch.Tensor] = None
+) -> Denoise:
+    """``denoise(x, level) -> x0``: what samplers call, with guidance applied."""
+    predict = make_predict(model, parameterization)
+
+    def denoise(x: torch.Tensor, level: Level) -> torch.Tensor:
+        return guidance.denoise(predict, x, level, cond)
+
+    return denoise
+
+
+# --------------------------------------------------------------------------------------
+# Pipeline
+# --------------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """A recipe's components plus the denoiser network (and its EMA copy)."""
+
+    def __init__(self, recipe: Recipe, *, device: Union[str, torch.device, None] = None):
+        self.recipe = recipe
+        self.device = torch.device(device or recipe.train.device)
+        self.data_set = recipe["data"]
+        self.spec = self.data_set.spec()
+        self.denoiser = recipe["denoiser"]
+        self.uses_labels = self.denoiser.uses_labels(self.spec)
+        torch.manual_seed(recipe.train.seed)  # initialisation depends on the seed alone
+        context = BuildContext(spec=self.spec, components=dict(recipe.components))
+        self.model = self.denoiser.build(context).to(self.device)
+        self.trainable = type(self.denoiser).trainable and any(True for _ in self.model.parameters())
+        self.ema_model: Optional[torch.nn.Module] = None
+        if self.trainable and recipe.train.ema > 0:
+            self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
+        self._data = None
+        self.step = 0
+
+    # components by kind, for readability
+    @property
+    def schedule(self) -> Schedule:
+        return self.recipe["schedule"]
+
+    @property
+    def chain(self) -> Chain:
+        return self.recipe["chain"]
+
+    @property
+    def parameterization(self) -> Parameterization:
+        return self.recipe["parameterization"]
+
+    @property
+    def guidance(self) -> Guidance:
+        return self.recipe["guidance"]
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.recipe["sampler"]
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = self.data_set.load()
+        return self._data
+
+    # ---------------------------------------------------------------- training
+
+    def loss(self, step: int, batch_size: int) -> torch.Tensor:
+        """The weighted denoising loss of optimizer step ``step`` (a deterministic batch)."""
+        recipe, seed = self.recipe, self.recipe.train.seed
+        data = self.data
+        positions = torch.arange(batch_size)
+        index = (rng.uniform(seed, rng.STREAM_TRAIN_DATA, step, positions) * data.x.shape[0]).long()
+        x0 = data.x[index].to(self.device)
+        cond = data.labels[index].to(self.device) if self.uses_labels and data.labels is not None else None
+        u_level = rng.uniform(seed, rng.STREAM_TRAIN_LEVEL, step, positions)
+        logsnr = recipe["weighting"].sample_logsnr(u_level, self.schedule).to(torch.float64)
+        alpha, sigma = self.chain.alpha_sigma(logsnr)
+        stream = rng.NoiseStream(
+            seed, positions, self.spec.shape, stream=rng.STREAM_TRAIN_NOISE, device=self.device, dtype=x0.dtype
+        )
+        eps = recipe["noise"].sample(stream, step)
+        a = noiselevel.append_dims(alpha.to(self.device, x0.dtype), x0.ndim)
+        s = noiselevel.append_dims(sigma.to(self.device, x0.dtype), x0.ndim)
+        x_t = self.chain.perturb(x0, eps, a, s)
+        if cond is not None:
+            cond = self.guidance.training_condition(cond, rng.uniform(seed, rng.STREAM_TRAIN_COND, step, positions).to(self.device))
+        param = self.parameterization
+        out = self.model(param.input_scale(a, s) * x_t, logsnr.to(self.device, x0.dtype), cond)
+        target = param.target(x0, eps, x_t, a, s)
+        # weight of the target-space MSE = w(lambda) in x0 units / (target-MSE per x0-MSE)
+        log_w = recipe["weighting"].log_x0_weight(logsnr, alpha, sigma) - param.log_x0_mse_factor(alpha, sigma)
+        weight = torch.exp(log_w).to(self.device, x0.dtype)
+        per_example = ((out - target) ** 2).flatten(1).mean(1)
+        return (weight * per_example).mean()
+
+    # ---------------------------------------------------------------- sampling
+
+    def levels(self, steps: Optional[int] = None, sampler: Optional[Sampler] = None) -> list[Level]:
+        sampler = sampler or self.sampler
+        return noise_levels(self.schedule, self.chain, steps or sampler.steps)
+
+    def sampling_model(self, use_ema: bool = True) -> torch.nn.Module:
+        return self.ema_model if use_ema and self.ema_model is not None else self.model
+
+    def labels_for(self, sample_ids: torch.Tensor, seed: int, label: Optional[int] = None) -> Optional[torch.Tensor]:
+        """Per-sample class labels for a conditional denoiser (None for unconditional ones)."""
+        if not self.uses_labels:
+            return None
+        if label is not None:
+            if not 0 <= label < self.spec.num_classes:
+                raise FundiffError(f"sample.label: must be in [0, {self.spec.num_classes - 1}] for this data, got {label}")
+            return torch.full((sample_ids.numel(),), label, dtype=torch.long, device=self.device)
+        counts = torch.bincount(self.data.labels, minlength=self.spec.num_classes).to(torch.float64)
+        u = rng.uniform(seed, rng.STREAM_PRIOR, 1, sample_ids)
+        labels = torch.searchsorted(torch.cumsum(counts / counts.sum(), 0), u).clamp(max=self.spec.num_classes - 1)
+        return labels.to(self.device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: Optional[int] = None,
+        *,
+        seed: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        sampler: Optional[Sampler] = None,
+        steps: Optional[int] = None,
+        label: Optional[int] = None,
+        use_ema: Optional[bool] = None,
+        start: int = 0,
+        dtype: torch.dtype = torch.float32,
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Draw samples ``start .. start + num_samples - 1``; returns (samples, labels).
+
+        Sample i depends only on (seed, i): batch size and ``start`` do not change it.
+        """
+        options = self.recipe.sample
+        num_samples = options.num_samples if num_samples is None else num_samples
+        seed = options.seed if seed is None else seed
+        batch_size = options.batch_size if batch_size is None else batch_size
+        label = options.label if label is None else label
+        use_ema = options.use_ema if use_ema is None else use_ema
+        sampler = sampler or self.sampler
+        levels = self.levels(steps, sampler)
+        model = self.sampling_model(use_ema)
+        model.eval()
+        outputs, label_outputs = [], []
+        for begin in range(start, start + num_samples, batch_size):
+            ids = torch.arange(begin, min(begin + batch_size, start + num_samples))
+            prior = rng.NoiseStream(seed, ids, self.spec.shape, stream=rng.STREAM_PRIOR, device=self.device, dtype=dtype)
+            x = self.chain.prior(levels[0], prior.normal(0))
+            noise = rng.NoiseStream(seed, ids, self.spec.shape, stream=rng.STREAM_SAMPLER, device=self.device, dtype=dtype)
+            cond = self.labels_for(ids, seed, label)
+            denoise = make_denoise(model, self.parameterization, self.guidance, cond)
+            x = sampler.sample(denoise, x, levels, noise)
+            outputs.append(x.cpu())
+            if cond is not None:
+                label_outputs.append(cond.cpu())
+            if progress is not None:
+                progress(ids.numel())
+        samples = torch.cat(outputs)
+        if not torch.isfinite(samples).all():
+            raise FundiffError(
+                "sampling produced NaN or Inf values; check the recipe's sampler, steps and parameterization "
+                "(eps-prediction diverges where alpha -> 0)"
+            )
+        return samples, (torch.cat(label_outputs) if label_outputs else None)
+
+    # ---------------------------------------------------------------- state
+
+    def state_tensors(self, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, torch.Tensor]:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.ema_model is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema_model.state_dict().items()})
+        if optimizer is not None:
+            for index, state in optimizer.state_dict()["state"].items():
+                for key, value in state.items():
+                    tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+        return tensors
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor], optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        try:
+            self.model.load_state_dict(part("model."))
+            if self.ema_model is not None:
+                ema = part("ema.")
+                self.ema_model.load_state_dict(ema if ema else part("model."))
+        except RuntimeError as exc:
+            raise FundiffError(
+                f"the checkpoint does not fit the recipe's denoiser ({str(exc).splitlines()[0]}); "
+                "it was written for a different recipe"
+            ) from None
+        if optimizer is not None:
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in part("optim.").items():
+                index, _, name = key.partition(".")
+                state.setdefault(int(index), {})[name] = value
+            saved = optimizer.state_dict()
+            saved["state"] = state
+            optimizer.load_state_dict(saved)
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    resolved = recipe.to_dict()
+    for dotted in _RESUMABLE_CHANGES:
+        section, key = dotted.split(".")
+        resolved[section].pop(key, None)
+    for section in ("sample", "sampler", "guidance"):  # sampling settings may change later
+        resolved.pop(section, None)
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def _recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in _RESUMABLE_CHANGES and not k.startswith("sample."))
+
+
+def _make_optimizer(pipeline: Pipeline) -> torch.optim.Optimizer:
+    options = pipeline.recipe.train
+    return torch.optim.AdamW(
+        pipeline.model.parameters(), lr=options.lr, betas=options.betas, weight_decay=options.weight_decay
+    )
+
+
+def _write_run_files(run_dir: str, recipe: Recipe) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_text(os.path.join(run_dir, RECIPE_FILE), recipe.to_yaml())
+    from . import __version__
+
+    info = {"fundiff": __version__, "torch": torch.__version__, "components": recipe.plugin_versions()}
+    atomic_write_text(os.path.join(run_dir, PLUGINS_FILE), json.dumps(info, indent=2) + "\n")
+
+
+def _save(pipeline: Pipeline, optimizer: Optional[torch.optim.Optimizer], run_dir: str) -> None:
+    from . import __version__
+
+    save_checkpoint(
+        os.path.join(run_dir, CHECKPOINT_FILE),
+        pipeline.state_tensors(optimizer),
+        {"step": str(pipeline.step), "fundiff_version": __version__, "recipe_hash": recipe_hash(pipeline.recipe)},
+    )
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop metric lines logged after ``step`` (they belong to work the resume repeats)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                break  # a torn last line from a crash
+    atomic_write_text(path, "".join(keep))
+
+
+def train(
+    recipe: Union[Recipe, str, os.PathLike, Mapping[str, Any]],
+    run_dir: Union[str, os.PathLike],
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    registry: Optional[Registry] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+) -> Pipeline:
+    """Train a recipe into ``run_dir``; returns the trained :class:`Pipeline`.
+
+    With ``resume=True`` an existing checkpoint in ``run_dir`` is continued exactly (same
+    batches, same noise, same optimizer and EMA state); without it, a run directory that
+    already holds a checkpoint is refused so nothing is overwritten.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, registry, overrides=overrides)
+    run_dir = os.fspath(run_dir)
+    checkpoint_path = os.path.join(run_dir, CHECKPOINT_FILE)
+    metrics_path = os.path.join(run_dir, METRICS_FILE)
+    has_checkpoint = os.path.exists(checkpoint_path)
+    if has_checkpoint and not resume:
+        raise FundiffError(
+            f"{run_dir} already holds a trained run; pass --resume to continue it, or choose another --run-dir"
+        )
+    if has_checkpoint:
+        stored = read_recipe_file(os.path.join(run_dir, RECIPE_FILE))
+        differences = _recipe_differences(stored, recipe.to_dict())
+        if differences:
+            raise FundiffError(
+                f"cannot resume {run_dir}: the recipe differs from the run's in {', '.join(differences)}; "
+                "only train.steps (and logging / checkpoint intervals) may change on resume"
+            )
+
+    pipeline = Pipeline(recipe)
+    options = recipe.train
+    optimizer = _make_optimizer(pipeline) if pipeline.trainable else None
+    if has_checkpoint:
+        tensors, metadata = load_checkpoint(checkpoint_path)
+        if metadata.get("recipe_hash") != recipe_hash(recipe):
+            raise FundiffError(f"{checkpoint_path} was written for a different recipe; resume it with the run's recipe.yaml")
+        pipeline.load_state_tensors(tensors, optimizer)
+        pipeline.step = int(metadata["step"])
+        _truncate_metrics(metrics_path, pipeline.step)
+    _write_run_files(run_dir, recipe)
+    if not pipeline.trainable:
+        pipeline.step = options.steps
+        _save(pipeline, None, run_dir)
+        if not quiet:
+            print(f"{recipe['denoiser'].__class__.__name__} needs no training; wrote {run_dir}", file=sys.stderr)
+        return pipeline
+    if pipeline.step >= options.steps:
+        if not quiet:
+            print(f"{run_dir} is already trained to step {pipeline.step}", file=sys.stderr)
+        return pipeline
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=options.steps, initial=pipeline.step, disable=quiet, desc="train", unit="step", dynamic_ncols=True)
+    pipeline.model.train()
+    running, count, started = 0.0, 0, time.perf_counter()
+    try:
+        with open(metrics_path, "a", encoding="utf-8") as metrics:
+            while pipeline.step < options.steps:
+                step = pipeline.step
+                lr = options.lr * min(1.0, (step + 1) / options.warmup) if options.warmup else options.lr
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = pipeline.loss(step, options.batch_size)
+                if not torch.isfinite(loss):
+                    raise FundiffError(
+                        f"training loss is {loss.item()} at step {step}; lower train.lr, enable train.grad_clip, "
+                        "or check the weighting and parameterization (the last checkpoint is kept)"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if options.grad_clip > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(pipeline.model.parameters(), options.grad_clip))
+                else:
+                    grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in pipeline.model.parameters() if p.grad is not None])))
+                optimizer.step()
+                if pipeline.ema_model is not None:
+                    with torch.no_grad():
+                        ema_params = list(pipeline.ema_model.parameters())
+                        torch._foreach_lerp_(ema_params, list(pipeline.model.parameters()), 1.0 - options.ema)
+                        for ema_buf, buf in zip(pipeline.ema_model.buffers(), pipeline.model.buffers()):
+                            ema_buf.copy_(buf)
+                pipeline.step = step + 1
+                running += float(loss.detach())
+                count += 1
+                if pipeline.step % options.log_every == 0 or pipeline.step == options.steps:
+                    record = {
+                        "step": pipeline.step,
+                        "loss": running / count,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "seconds": round(time.perf_counter() - started, 3),
+                    }
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(loss=f"{running / count:.4f}")
+                    running, count = 0.0, 0
+                if pipeline.step % options.checkpoint_every == 0 or pipeline.step == options.steps:
+                    _save(pipeline, optimizer, run_dir)
+                bar.update(1)
+    finally:
+        bar.close()
+    return pipeline
+
+
+# --------------------------------------------------------------------------------------
+# Loading runs and sampling them
+# --------------------------------------------------------------------------------------
+
+
+def load_run(
+    run_dir: Union[str, os.PathLike],
+    *,
+    registry: Optional[Registry] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    device: Union[str, torch.device, None] = None,
+) -> Pipeline:
+    """Rebuild a trained run from its directory; ``overrides`` may change sampling settings
+    (e.g. ``{"sampler.name": "ddpm", "sampler.steps": 100}``) but not the model."""
+    run_dir = os.fspath(run_dir)
+    recipe_path = os.path.join(run_dir, RECIPE_FILE)
+    if not os.path.isdir(run_dir):
+        raise FundiffError(f"run directory not found: {run_dir}; train one with: fundiff train RECIPE --run-dir {run_dir}")
+    if not os.path.exists(recipe_path):
+        raise FundiffError(f"{run_dir} is not a fundiff run (no {RECIPE_FILE}); pass the --run-dir given to fundiff train")
+    stored = read_recipe_file(recipe_path)
+    if overrides:
+        allowed = ("sampler.", "sample.", "guidance.")
+        for key in overrides:
+            if not key.startswith(allowed):
+                raise FundiffError(f"cannot override {key} when sampling a trained run; only sampler.*, guidance.* and sample.* may change")
+    recipe = load_recipe(stored, registry, overrides=overrides)
+    pipeline = Pipeline(recipe, device=device or recipe.sample.device)
+    tensors, metadata = load_checkpoint(os.path.join(run_dir, CHECKPOINT_FILE))
+    if metadata.get("recipe_hash") != recipe_hash(recipe):
+        raise FundiffError(f"{run_dir}: the checkpoint does not belong to the run's recipe.yaml (was the file edited?)")
+    pipeline.load_state_tensors(tensors)
+    pipeline.step = int(metadata.get("step", 0))
+    return pipeline
+
+
+def sample(
+    run: Union[Pipeline, str, os.PathLike],
+    *,
+    registry: Optional[Registry] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Sample a run directory or a :class:`Pipeline`; keyword arguments as :meth:`Pipeline.sample`."""
+    pipeline = run if isinstance(run, Pipeline) else load_run(run, registry=registry, overrides=overrides)
+    return pipeline.sample(**kwargs)

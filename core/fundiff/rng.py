@@ -1,0 +1,168 @@
+"""Per-sample random streams: sample i gets the same numbers whatever the batch.
+
+fundiff draws every random number (the prior, the fresh noise of a stochastic sampler step,
+the training noise, data indices, noise levels) from a counter-based generator, Philox4x32-10
+(Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"), written here with
+vectorised torch integer arithmetic. A number is a pure function of
+
+    key     = the 64-bit seed
+    counter = (element block, draw index, sample index, stream id)
+
+so a sample's numbers depend on its global index, not on the batch it is computed in or on
+its position there; there is no generator state to save, checkpoint or restore. The same
+construction runs inside a GPU kernel (Triton's ``tl.randn`` is Philox too), which is what
+the fused sampling steps build on.
+
+Stream ids used by the core are below; third-party code picks ids from 1000 to 65535.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+STREAM_PRIOR = 1  # the initial state of a sampler
+STREAM_SAMPLER = 2  # fresh noise inside sampler steps, draw index = step (and sub-step)
+STREAM_TRAIN_NOISE = 3  # perturbation noise during training, draw index = optimizer step
+STREAM_TRAIN_LEVEL = 4  # noise levels during training
+STREAM_TRAIN_DATA = 5  # which data examples form a batch
+STREAM_TRAIN_COND = 6  # condition dropout during training
+STREAM_DATA = 7  # data sets that generate their points
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M0 = 0xD2511F53
+_PHILOX_M1 = 0xCD9E8D57
+_PHILOX_W0 = 0x9E3779B9
+_PHILOX_W1 = 0xBB67AE85
+
+
+def _mul_hi_lo(a: torch.Tensor, constant: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """32x32 -> 64-bit product of uint32 values held in int64, split into (hi, lo).
+
+    Done with 16-bit limbs so no intermediate overflows int64.
+    """
+    a_lo = a & 0xFFFF
+    a_hi = a >> 16
+    b_lo = constant & 0xFFFF
+    b_hi = constant >> 16
+    mid = a_hi * b_lo + a_lo * b_hi  # < 2^33
+    low = a_lo * b_lo + ((mid & 0xFFFF) << 16)  # < 2^33
+    lo = low & _MASK32
+    hi = a_hi * b_hi + (mid >> 16) + (low >> 32)
+    return hi & _MASK32, lo
+
+
+def philox4x32(
+    c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int, k1: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 with 10 rounds on int64 tensors holding uint32 values."""
+    for _ in range(10):
+        hi0, lo0 = _mul_hi_lo(c0, _PHILOX_M0)
+        hi1, lo1 = _mul_hi_lo(c2, _PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W0) & _MASK32
+        k1 = (k1 + _PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """uint32 -> float64 uniform on the open interval (0, 1)."""
+    return (bits.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
+
+
+def _check_seed(seed: int) -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+    return seed
+
+
+def _raw_bits(seed: int, stream: int, draw: int, sample_ids: torch.Tensor, n_per_sample: int):
+    """Four uint32 words per counter: returns (B, 4 * blocks) int64 tensor of random bits."""
+    blocks = max(1, math.ceil(n_per_sample / 4))
+    batch = sample_ids.numel()
+    block_idx = torch.arange(blocks, dtype=torch.int64).expand(batch, blocks)
+    ids = sample_ids.to(torch.int64).reshape(batch, 1).expand(batch, blocks)
+    c0 = block_idx
+    c1 = torch.full_like(c0, draw & _MASK32)
+    c2 = ids & _MASK32
+    c3 = torch.full_like(c0, ((stream & 0xFFFF) << 16) ^ ((draw >> 32) & 0xFFFF)) ^ (ids >> 32)
+    words = philox4x32(c0, c1, c2, c3, seed & _MASK32, (seed >> 32) & _MASK32)
+    return torch.stack(words, dim=-1).reshape(batch, blocks * 4)
+
+
+def uniform(
+    seed: int, stream: int, draw: int, sample_ids: torch.Tensor | Sequence[int], shape: Sequence[int] = ()
+) -> torch.Tensor:
+    """Uniforms on (0, 1), float64 on the CPU, shape ``(len(sample_ids), *shape)``."""
+    _check_seed(seed)
+    sample_ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1)
+    n = math.prod(shape)
+    bits = _raw_bits(seed, stream, draw, sample_ids, n)[:, :n]
+    return _uniform_from_bits(bits).reshape(sample_ids.numel(), *shape)
+
+
+def normal(
+    seed: int, stream: int, draw: int, sample_ids: torch.Tensor | Sequence[int], shape: Sequence[int] = ()
+) -> torch.Tensor:
+    """Standard normals (Box-Muller on Philox uniforms), float64 on the CPU.
+
+    Shape ``(len(sample_ids), *shape)``; row i depends only on (seed, stream, draw,
+    sample_ids[i]).
+    """
+    _check_seed(seed)
+    sample_ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1)
+    n = math.prod(shape)
+    pairs = max(1, math.ceil(n / 2))
+    u = _uniform_from_bits(_raw_bits(seed, stream, draw, sample_ids, 2 * pairs)[:, : 2 * pairs])
+    u1, u2 = u[:, 0::2], u[:, 1::2]
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    angle = (2.0 * math.pi) * u2
+    z = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1).reshape(
+        sample_ids.numel(), 2 * pairs
+    )
+    return z[:, :n].reshape(sample_ids.numel(), *shape)
+
+
+class NoiseStream:
+    """Random numbers for one batch of samples, keyed by (seed, stream, global sample index).
+
+    ``normal(draw)`` returns a tensor of shape ``(batch, *sample_shape)`` on ``device`` in
+    ``dtype``; calling it twice with the same draw index gives the same numbers. Samplers
+    use the step index (and a sub-step offset) as the draw index.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        sample_ids: torch.Tensor | Sequence[int],
+        sample_shape: Sequence[int],
+        *,
+        stream: int = STREAM_SAMPLER,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.seed = _check_seed(seed)
+        self.sample_ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1)
+        self.sample_shape = tuple(int(d) for d in sample_shape)
+        self.stream = stream
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @property
+    def batch_size(self) -> int:
+        return self.sample_ids.numel()
+
+    def normal(self, draw: int) -> torch.Tensor:
+        z = normal(self.seed, self.stream, draw, self.sample_ids, self.sample_shape)
+        return z.to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+    def uniform(self, draw: int) -> torch.Tensor:
+        u = uniform(self.seed, self.stream, draw, self.sample_ids, self.sample_shape)
+        return u.to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+    def with_stream(self, stream: int) -> "NoiseStream":
+        return NoiseStream(
+            self.seed, self.sample_ids, self.sample_shape, stream=stream, device=self.device, dtype=self.dtype
+        )

@@ -1,0 +1,24 @@
+"""Isotropic standard Gaussian noise, the noise type of DDPM and score SDEs (survey sec. 3.1.2)."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from fundiff import Noise, NoiseStream, hookimpl
+from fundiff.components import GAUSSIAN_NOISE
+
+
+@attrs.frozen(kw_only=True)
+class Gaussian(Noise):
+    """Standard normal noise, eps ~ N(0, I), one stream per sample."""
+
+    provides = frozenset({GAUSSIAN_NOISE})
+
+    def sample(self, stream: NoiseStream, draw: int) -> torch.Tensor:
+        return stream.normal(draw)
+
+
+@hookimpl
+def fundiff_register_noises(register):
+    register("gaussian", Gaussian)

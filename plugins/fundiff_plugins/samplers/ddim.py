@@ -1,0 +1,58 @@
+"""DDIM (Song, Meng and Ermon 2021, eq. 12), in terms of any Gaussian chain's (alpha, sigma).
+
+From level t to the less noisy level s, with x0_hat = D(x_t) and eps_hat = (x_t - alpha_t
+x0_hat) / sigma_t:
+
+    x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z,   c = eta * sqrt(var_post)
+
+where var_post is the variance of q(x_s | x_t, x0) (eq. 16: eta = 1 is DDPM's ancestral
+step with the posterior variance, eta = 0 the deterministic DDIM, a first-order solver of
+the probability-flow ODE).
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+from fundiff import Sampler, hookimpl, noiselevel
+from fundiff.components import GAUSSIAN_MARGINALS, GAUSSIAN_NOISE
+from fundiff.config import doc, in_range
+
+
+@attrs.frozen(kw_only=True)
+class DDIM(Sampler):
+    """Denoising diffusion implicit models; eta interpolates from deterministic (0) to DDPM (1)."""
+
+    requires = frozenset({GAUSSIAN_MARGINALS})
+    eta: float = attrs.field(default=0.0, validator=in_range(0.0, 1.0), metadata=doc("stochasticity: 0 deterministic, 1 DDPM"))
+
+    def check_recipe(self, components):
+        noise = components.get("noise")
+        if self.eta > 0 and noise is not None and GAUSSIAN_NOISE not in type(noise).provides:
+            return [f"ddim with eta > 0 adds fresh Gaussian noise, which needs a Gaussian noise type; use eta: 0 or a Gaussian noise"]
+        return []
+
+    def sample(self, denoise, x, levels, noise=None, callback=None):
+        if self.eta > 0 and noise is None:
+            raise ValueError("ddim with eta > 0 needs a noise stream")
+        for i in range(len(levels) - 1):
+            t, s = levels[i], levels[i + 1]
+            x0 = denoise(x, t)
+            if s.is_clean:
+                x = s.alpha * x0
+            else:
+                eps = (x - t.alpha * x0) / t.sigma
+                c = self.eta * math.sqrt(noiselevel.posterior(s, t)[2]) if self.eta > 0 else 0.0
+                x = s.alpha * x0 + math.sqrt(max(s.sigma**2 - c * c, 0.0)) * eps
+                if c > 0:
+                    x = x + c * noise.normal(i)
+            if callback is not None:
+                callback(i, x, x0)
+        return x
+
+
+@hookimpl
+def fundiff_register_samplers(register):
+    register("ddim", DDIM)
