@@ -1,0 +1,306 @@
+"""The ``fundiff`` command line.
+
+Every user error (bad recipe, unknown component, broken plugin, missing run, corrupt
+checkpoint) prints one message naming the cause and the fix and exits with status 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from .components import KINDS
+from .errors import FundiffError
+
+EXAMPLES = """\
+examples:
+  fundiff plugins                       list plugins and their components
+  fundiff show sampler/ddim             parameters of one component
+  fundiff check recipes/two-moons.yaml  validate a recipe without running it
+  fundiff train recipes/two-moons.yaml --run-dir runs/two-moons
+  fundiff sample runs/two-moons --sampler ddpm --steps 200 -n 2000
+  fundiff -p no:gmm-oracle plugins      disable a plugin for one command
+"""
+
+
+def _parse_set(values: Optional[Sequence[str]]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise FundiffError(f"--set {item!r}: write SECTION.KEY=VALUE, e.g. --set sampler.steps=20")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise FundiffError(f"--set {item!r}: the value is not valid YAML") from None
+    return overrides
+
+
+def _registry(args: argparse.Namespace):
+    from .registry import Registry
+
+    enabled = [p for p in args.plugin if not p.startswith("no:")]
+    disabled = [p[3:] for p in args.plugin if p.startswith("no:")]
+    return Registry.discover(
+        enabled=enabled,
+        disabled=disabled,
+        autoload=False if args.no_autoload else None,
+        strict=args.strict_plugins,
+    )
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    if args.json:
+        payload = {
+            "plugins": [p.to_json() for p in registry.plugins],
+            "conflicts": [
+                {"kind": es[0].kind, "name": es[0].name, "distributions": [e.distribution or e.plugin for e in es]}
+                for es in registry.conflicts()
+            ],
+        }
+        print(json.dumps(payload, indent=2))
+        return 0
+    rows = sorted(registry.plugins, key=lambda p: (p.distribution or "", p.name))
+    for plugin in rows:
+        origin = f"{plugin.distribution} {plugin.version}" if plugin.distribution else "(in-process)"
+        components = ", ".join(f"{k}/{n}" for k, n in plugin.components)
+        line = f"{plugin.name:<22} {origin:<24} {plugin.status:<9}"
+        print(f"{line}{components}" if plugin.status == "ok" else line.rstrip())
+        if plugin.error:
+            print(f"    {plugin.error}")
+    for entries in registry.conflicts():
+        names = ", ".join(f"{e.distribution or e.plugin}:{e.name}" for e in entries)
+        print(f"conflict: {entries[0].kind} '{entries[0].name}' is registered by several plugins; use one of {names}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .config import describe_fields
+
+    registry = _registry(args)
+    kind, _, name = args.component.partition("/")
+    if kind not in KINDS:
+        raise FundiffError(f"show {args.component!r}: write KIND/NAME or KIND with KIND one of {', '.join(KINDS)}")
+    if not name:
+        for entry in registry.entries(kind):
+            print(f"{entry.name:<20} {entry.summary}  [{entry.distribution or entry.plugin}]")
+        return 0
+    entry = registry.resolve(kind, name)
+    fields = describe_fields(entry.cls)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "kind": kind,
+                    "name": entry.name,
+                    "summary": entry.summary,
+                    "plugin": entry.plugin,
+                    "distribution": entry.distribution,
+                    "version": entry.version,
+                    "requires": sorted(entry.cls.requires),
+                    "provides": sorted(entry.cls.provides),
+                    "parameters": fields,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(f"{kind}/{entry.name}: {entry.summary}")
+    print(f"  from {entry.origin}")
+    if entry.cls.requires:
+        print(f"  requires: {', '.join(sorted(entry.cls.requires))}")
+    if entry.cls.provides:
+        print(f"  provides: {', '.join(sorted(entry.cls.provides))}")
+    if not fields:
+        print("  parameters: none")
+    else:
+        print("  parameters:")
+        width = max(len(f["name"]) for f in fields)
+        type_width = max(len(f["type"]) for f in fields)
+        for field in fields:
+            print(f"    {field['name']:<{width}}  {field['type']:<{type_width}}  default {field['default']:<10}  {field['doc']}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, _registry(args), overrides=_parse_set(args.set))
+    if args.resolved:
+        print(recipe.to_yaml(), end="")
+    else:
+        summary = ", ".join(f"{kind}={recipe.names[kind]}" for kind in KINDS)
+        print(f"{args.recipe}: ok ({summary})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .pipeline import train
+
+    run_dir = args.run_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.recipe))[0])
+    overrides = _parse_set(args.set)
+    if args.steps is not None:
+        overrides["train.steps"] = args.steps
+    pipeline = train(args.recipe, run_dir, resume=args.resume, quiet=args.quiet, registry=_registry(args), overrides=overrides)
+    if not args.quiet:
+        print(f"trained to step {pipeline.step}: {run_dir}", file=sys.stderr)
+    print(run_dir)
+    return 0
+
+
+def _write_samples(path: str, samples, labels, fmt: str, metadata: dict[str, str]) -> None:
+    from .checkpoint import atomic_write_bytes
+
+    if fmt == "npz":
+        import numpy as np
+
+        buffer = io.BytesIO()
+        arrays = {"samples": samples.numpy()}
+        if labels is not None:
+            arrays["labels"] = labels.numpy()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(path, buffer.getvalue())
+    else:
+        from safetensors.torch import save
+
+        tensors = {"samples": samples.contiguous()}
+        if labels is not None:
+            tensors["labels"] = labels.contiguous()
+        atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .pipeline import load_run
+    from .plotting import save_picture
+
+    overrides = _parse_set(args.set)
+    for key, value in (
+        ("sampler.name", args.sampler),
+        ("sampler.steps", args.steps),
+        ("sample.seed", args.seed),
+        ("sample.num_samples", args.num_samples),
+        ("sample.batch_size", args.batch_size),
+        ("sample.label", args.label),
+        ("sample.format", args.format),
+        ("guidance.name", args.guidance),
+    ):
+        if value is not None:
+            overrides[key] = value
+    pipeline = load_run(args.run_dir, registry=_registry(args), overrides=overrides)
+    options = pipeline.recipe.sample
+    sampler_name = pipeline.recipe.names["sampler"]
+    stem = args.out or os.path.join(
+        args.run_dir, "samples", f"{sampler_name.replace(':', '-')}-{pipeline.sampler.steps}steps-seed{options.seed}"
+    )
+    from tqdm import tqdm
+
+    with tqdm(total=options.num_samples, disable=args.quiet, desc="sample", unit="sample", dynamic_ncols=True) as bar:
+        samples, labels = pipeline.sample(progress=bar.update)
+    extension = ".npz" if options.format == "npz" else ".safetensors"
+    tensor_path = stem + extension
+    metadata = {"run": os.path.abspath(args.run_dir), "sampler": sampler_name, "steps": str(pipeline.sampler.steps), "seed": str(options.seed)}
+    _write_samples(tensor_path, samples, labels, options.format, metadata)
+    print(tensor_path)
+    if not args.no_plot:
+        reference = pipeline.data.x[:4000] if pipeline.spec.modality == "points" else None
+        title = f"{os.path.basename(os.path.normpath(args.run_dir))}: {sampler_name}, {pipeline.sampler.steps} steps"
+        if save_picture(stem + ".png", samples, pipeline.spec, reference=reference, title=title):
+            print(stem + ".png")
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fundiff",
+        description="A plugin-based engine for diffusion models.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "-p",
+        dest="plugin",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="load plugin NAME even with autoload off; 'no:NAME' disables it (repeatable)",
+    )
+    parser.add_argument("--no-autoload", action="store_true", help="load only plugins named with -p (FUNDIFF_DISABLE_PLUGIN_AUTOLOAD=1)")
+    parser.add_argument("--strict-plugins", action="store_true", help="treat a broken plugin as an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("plugins", help="list plugins, their distributions and components")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("show", help="show a component's parameters (KIND/NAME), or list a kind's components (KIND)")
+    p.add_argument("component", metavar="KIND[/NAME]")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("check", help="validate a recipe without running it")
+    p.add_argument("recipe")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)")
+    p.add_argument("--resolved", action="store_true", help="print the resolved recipe with every default")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("train", help="train a recipe into a run directory")
+    p.add_argument("recipe")
+    p.add_argument("--run-dir", help="where to write the run (default runs/RECIPE_NAME)")
+    p.add_argument("--resume", action="store_true", help="continue the run's last checkpoint (starts fresh if there is none)")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample a trained run; writes tensors and a picture")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--sampler", help="sampler name (default: the recipe's)")
+    p.add_argument("--steps", type=int, help="sampler steps")
+    p.add_argument("--guidance", help="guidance name")
+    p.add_argument("--seed", type=int, help="seed of the per-sample noise")
+    p.add_argument("-n", "--num-samples", type=int, help="how many samples")
+    p.add_argument("--batch-size", type=int, help="samples per batch (does not change the samples)")
+    p.add_argument("--label", type=int, help="class label for conditional denoisers")
+    p.add_argument("--format", choices=["safetensors", "npz"], help="tensor file format")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override sampler.*, guidance.* or sample.* (repeatable)")
+    p.add_argument("--out", help="output path without extension (default RUN_DIR/samples/SAMPLER-STEPS-SEED)")
+    p.add_argument("--no-plot", action="store_true", help="do not write a picture")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"fundiff {__version__}")
+        return 0
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except FundiffError as exc:
+        print(f"fundiff: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fundiff: interrupted", file=sys.stderr)
+        return 130
