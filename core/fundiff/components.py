@@ -359,8 +359,8 @@ class Sampler(Component):
     returns the state at ``levels[-1]`` (the clean level when it has sigma = 0).
     ``denoise(x, level)`` is the x0 estimate; ``levels`` are host-side :class:`Level`
     objects, so coefficients are Python floats and the loop never synchronises with the
-    device. Fresh noise comes from ``noise.normal(draw)`` with a draw index the sampler
-    picks (its step index); ``callback(i, x, x0)`` is called after each step when given.
+    device. Fresh noise comes from ``noise.sample(draw)`` (zero mean, unit variance, of the
+    recipe's noise type) with a draw index the sampler picks (its step index); ``callback(i, x, x0)`` is called after each step when given.
     Multi-evaluation methods call ``denoise`` as often as they need.
     """
 

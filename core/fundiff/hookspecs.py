@@ -193,7 +193,7 @@ def fundiff_register_samplers(register: "Register") -> None:
     :param register: call ``register(name, cls)`` with ``cls`` a subclass of
         :class:`fundiff.Sampler` (it inherits the ``steps`` parameter) implementing
         ``sample(denoise, x, levels, noise, callback)``. Coefficients are computed from the
-        host-side ``Level`` objects; draw fresh noise with ``noise.normal(draw)``.
+        host-side ``Level`` objects; draw fresh noise with ``noise.sample(draw)``.
 
     Example::
 

@@ -31,7 +31,7 @@ import yaml
 
 from . import noiselevel, rng
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from .components import BuildContext, Chain, Denoise, Guidance, Parameterization, Sampler, Schedule
+from .components import BuildContext, Chain, Denoise, Guidance, Noise, Parameterization, Sampler, Schedule
 from .errors import FundiffError
 from .noiselevel import Level
 from .recipe import Recipe, load_recipe, read_recipe_file
@@ -87,6 +87,18 @@ def make_denoise(
         return guidance.denoise(predict, x, level, cond)
 
     return denoise
+
+
+class ComponentNoise:
+    """The noise source a pipeline hands to samplers: the recipe's noise type drawn from a
+    per-sample stream, so stochastic steps add noise of the type the model was trained on."""
+
+    def __init__(self, noise: "Noise", stream: rng.NoiseStream):
+        self.noise = noise
+        self.stream = stream
+
+    def sample(self, draw: int) -> torch.Tensor:
+        return self.noise.sample(self.stream, draw)
 
 
 # --------------------------------------------------------------------------------------
@@ -226,9 +238,11 @@ class Pipeline:
         outputs, label_outputs = [], []
         for begin in range(start, start + num_samples, batch_size):
             ids = torch.arange(begin, min(begin + batch_size, start + num_samples))
+            noise_type = self.recipe["noise"]
             prior = rng.NoiseStream(seed, ids, self.spec.shape, stream=rng.STREAM_PRIOR, device=self.device, dtype=dtype)
-            x = self.chain.prior(levels[0], prior.normal(0))
-            noise = rng.NoiseStream(seed, ids, self.spec.shape, stream=rng.STREAM_SAMPLER, device=self.device, dtype=dtype)
+            x = self.chain.prior(levels[0], noise_type.sample(prior, 0))
+            stream = rng.NoiseStream(seed, ids, self.spec.shape, stream=rng.STREAM_SAMPLER, device=self.device, dtype=dtype)
+            noise = ComponentNoise(noise_type, stream)
             cond = self.labels_for(ids, seed, label)
             denoise = make_denoise(model, self.parameterization, self.guidance, cond)
             x = sampler.sample(denoise, x, levels, noise)

@@ -158,6 +158,14 @@ class NoiseStream:
         z = normal(self.seed, self.stream, draw, self.sample_ids, self.sample_shape)
         return z.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
+    def sample(self, draw: int) -> torch.Tensor:
+        """The noise samplers draw: for a plain stream, standard normal (same as ``normal``).
+
+        Samplers call ``noise.sample(draw)``; the pipeline passes a source that draws the
+        recipe's noise type, so a stochastic sampler adds fresh noise of that type.
+        """
+        return self.normal(draw)
+
     def uniform(self, draw: int) -> torch.Tensor:
         u = uniform(self.seed, self.stream, draw, self.sample_ids, self.sample_shape)
         return u.to(device=self.device, dtype=self.dtype, non_blocking=True)

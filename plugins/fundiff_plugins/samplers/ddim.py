@@ -47,7 +47,7 @@ class DDIM(Sampler):
                 c = self.eta * math.sqrt(noiselevel.posterior(s, t)[2]) if self.eta > 0 else 0.0
                 x = s.alpha * x0 + math.sqrt(max(s.sigma**2 - c * c, 0.0)) * eps
                 if c > 0:
-                    x = x + c * noise.normal(i)
+                    x = x + c * noise.sample(i)
             if callback is not None:
                 callback(i, x, x0)
         return x

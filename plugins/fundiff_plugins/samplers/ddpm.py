@@ -30,7 +30,7 @@ class DDPM(Sampler):
             coef_x0, coef_xt, var = noiselevel.posterior(s, t)
             x = coef_x0 * x0 + coef_xt * x
             if var > 0:
-                x = x + math.sqrt(var) * noise.normal(i)
+                x = x + math.sqrt(var) * noise.sample(i)
             if callback is not None:
                 callback(i, x, x0)
         return x
