@@ -46,8 +46,10 @@ if TYPE_CHECKING:
     from .rng import NoiseStream
 
 #: Capability names used by the built-in components. Third-party ones may add their own.
-GAUSSIAN_MARGINALS = "gaussian-marginals"
-GAUSSIAN_NOISE = "gaussian-noise"
+GAUSSIAN_MARGINALS = "gaussian-marginals"  # chain: x_t = alpha x0 + sigma eps
+GAUSSIAN_NOISE = "gaussian-noise"  # noise: eps ~ N(0, I)
+ADDITIVE_NOISE = "additive-noise"  # noise: zero-mean noise added to the signal, any distribution
+CORRUPTION_OPERATOR = "corruption-operator"  # noise: a (soft) linear operator degrades x0
 
 
 class Component(metaclass=abc.ABCMeta):
@@ -185,8 +187,9 @@ class DiscreteSchedule(Schedule):
 
     def t_from_logsnr(self, logsnr: torch.Tensor) -> torch.Tensor:
         logsnr = torch.as_tensor(logsnr, dtype=torch.float64)
-        # invert lambda = log(ab / (1 - ab)):  log ab = -softplus(-lambda)
-        log_ab = -torch.nn.functional.softplus(-logsnr)
+        # invert lambda = log(ab / (1 - ab)):  log ab = -softplus(-lambda) = -log(1 + exp(-lambda));
+        # logaddexp, not F.softplus, whose threshold (20) drops exp(lambda) below lambda = -20
+        log_ab = -torch.logaddexp(-logsnr, torch.zeros((), dtype=torch.float64))
         grid = self.log_alpha_bar_grid()  # decreasing in t
         k = torch.searchsorted(-grid, -log_ab, right=False).clamp(1, self.num_steps)
         left, right = grid[k - 1], grid[k]
@@ -206,6 +209,13 @@ class Noise(Component):
 
     @abc.abstractmethod
     def sample(self, stream: "NoiseStream", draw: int) -> torch.Tensor: ...
+
+    def corrupt(self, x0: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+        """Apply the noise type's degradation operator C(lambda) to x0 before the noise is
+        added: x_t = alpha C(lambda) x0 + sigma eps. Additive noise types leave x0 as it is;
+        soft corruptions (blur, masking) override this and provide ``"corruption-operator"``.
+        ``logsnr`` has shape (B,)."""
+        return x0
 
 
 class Chain(Component):

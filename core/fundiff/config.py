@@ -13,7 +13,7 @@ Validators with good messages for component authors: :func:`at_least`, :func:`gr
 from __future__ import annotations
 
 import typing
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 import attrs
 
@@ -92,14 +92,18 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(args[0])}" if args else "list"
     if tp is type(None):
         return "null"
+    if isinstance(tp, type) and getattr(tp, "kind", "") and hasattr(tp, "requires"):
+        return f"{tp.kind} section"
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, path: str, problems: list[tuple[str, str]]) -> Any:
+def _convert(value: Any, tp: Any, path: str, problems: list[tuple[str, str]], context: "_Context") -> Any:
     """Check and convert one value to type ``tp``; append a problem and return _MISSING on failure."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if isinstance(tp, type) and getattr(tp, "kind", "") and hasattr(tp, "requires"):
+        return _convert_component(value, tp, path, problems, context)
     if origin is Union:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -108,7 +112,7 @@ def _convert(value: Any, tp: Any, path: str, problems: list[tuple[str, str]]) ->
             if arg is type(None):
                 continue
             trial: list[tuple[str, str]] = []
-            out = _convert(value, arg, path, trial)
+            out = _convert(value, arg, path, trial, context)
             if not trial:
                 return out
         problems.append((path, f"must be {_type_name(tp)}, got {value!r}"))
@@ -129,10 +133,10 @@ def _convert(value: Any, tp: Any, path: str, problems: list[tuple[str, str]]) ->
             if len(value) != len(args):
                 problems.append((path, f"must be a list of {len(args)} items, got {len(value)}"))
                 return _MISSING
-            items = [_convert(v, a, f"{path}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args))]
+            items = [_convert(v, a, f"{path}[{i}]", problems, context) for i, (v, a) in enumerate(zip(value, args))]
         else:
             item_tp = args[0] if args else Any
-            items = [_convert(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+            items = [_convert(v, item_tp, f"{path}[{i}]", problems, context) for i, v in enumerate(value)]
         if any(i is _MISSING for i in items):
             return _MISSING
         return tuple(items) if origin is tuple else list(items)
@@ -168,7 +172,7 @@ def _convert(value: Any, tp: Any, path: str, problems: list[tuple[str, str]]) ->
             problems.append((path, f"must be a mapping, got {value!r}"))
             return _MISSING
         try:
-            return structure(tp, value, path=path)
+            return structure(tp, value, path=path, registry=context.registry, names=context.names)
         except RecipeError as err:
             problems.extend(err.problems)
             return _MISSING
@@ -180,14 +184,66 @@ def _convert(value: Any, tp: Any, path: str, problems: list[tuple[str, str]]) ->
     return value
 
 
+@attrs.define
+class _Context:
+    registry: Any = None  # resolves nested component sections
+    names: Optional[dict[str, str]] = None  # records path -> component name as written
+
+
+def _convert_component(value: Any, base: type, path: str, problems: list[tuple[str, str]], context: _Context) -> Any:
+    """A nested component section (e.g. the schedule a wrapper schedule wraps)."""
+    kind = base.kind
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, Mapping) or "name" not in value:
+        problems.append((path, f"must be a {kind} section such as {{name: ..., <parameters>}}, got {value!r}"))
+        return _MISSING
+    if context.registry is None:
+        problems.append((path, f"a nested {kind} needs a registry to resolve its name"))
+        return _MISSING
+    from .errors import FundiffError
+
+    try:
+        entry = context.registry.resolve(kind, value["name"])
+    except FundiffError as exc:
+        problems.append((f"{path}.name", str(exc)))
+        return _MISSING
+    if not issubclass(entry.cls, base):
+        problems.append((f"{path}.name", f"{kind} '{entry.name}' is not a {base.__name__}"))
+        return _MISSING
+    params = {k: v for k, v in value.items() if k != "name"}
+    try:
+        instance = structure(entry.cls, params, path=path, registry=context.registry, names=context.names)
+    except RecipeError as err:
+        problems.extend(err.problems)
+        return _MISSING
+    if context.names is not None:
+        context.names[path] = value["name"]
+    return instance
+
+
 def public_fields(cls: type) -> list[attrs.Attribute]:
     """The attrs fields a recipe may set (those with ``init=True``)."""
     attrs.resolve_types(cls)
     return [f for f in attrs.fields(cls) if f.init]
 
 
-def structure(cls: type, data: Mapping[str, Any] | None, *, path: str = "", ignore: tuple[str, ...] = ()) -> Any:
-    """Build ``cls`` from a mapping, or raise :class:`RecipeError` listing every problem."""
+def structure(
+    cls: type,
+    data: Mapping[str, Any] | None,
+    *,
+    path: str = "",
+    ignore: tuple[str, ...] = (),
+    registry: Any = None,
+    names: Optional[dict[str, str]] = None,
+) -> Any:
+    """Build ``cls`` from a mapping, or raise :class:`RecipeError` listing every problem.
+
+    Fields annotated with a component base class (``base: Schedule``) take a nested
+    component section, resolved through ``registry``; ``names`` (if given) records the name
+    written at each nested path, so :func:`unstructure` can write it back.
+    """
+    context = _Context(registry, names)
     data = {} if data is None else data
     prefix = f"{path}." if path else ""
     problems: list[tuple[str, str]] = []
@@ -207,7 +263,7 @@ def structure(cls: type, data: Mapping[str, Any] | None, *, path: str = "", igno
             if field.default is attrs.NOTHING:
                 problems.append((f"{prefix}{key}", "required parameter is missing"))
             continue
-        value = _convert(data[key], field.type, f"{prefix}{key}", problems)
+        value = _convert(data[key], field.type, f"{prefix}{key}", problems, context)
         if value is _MISSING:
             continue
         if field.validator is not None:
@@ -229,17 +285,21 @@ def _describe(cls: type, path: str) -> str:
     return f"'{path}'" if path else cls.__name__
 
 
-def unstructure(instance: Any) -> dict[str, Any]:
-    """A plain dict of an attrs instance's public fields (tuples become lists)."""
+def unstructure(instance: Any, names: Optional[Mapping[str, str]] = None, path: str = "") -> dict[str, Any]:
+    """A plain dict of an attrs instance's public fields (tuples become lists); nested
+    components get back the ``name`` recorded for their path in ``names``."""
+    names = names or {}
 
-    def plain(value: Any) -> Any:
+    def plain(value: Any, at: str) -> Any:
         if attrs.has(type(value)):
-            return unstructure(value)
+            inner = unstructure(value, names, at)
+            return {"name": names[at], **inner} if at in names else inner
         if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
+            return [plain(v, f"{at}[{i}]") for i, v in enumerate(value)]
         return value
 
-    return {f.name: plain(getattr(instance, f.name)) for f in public_fields(type(instance))}
+    prefix = f"{path}." if path else ""
+    return {f.name: plain(getattr(instance, f.name), f"{prefix}{f.name}") for f in public_fields(type(instance))}
 
 
 def describe_fields(cls: type) -> list[dict[str, str]]:

@@ -100,6 +100,11 @@ class ComponentNoise:
     def sample(self, draw: int) -> torch.Tensor:
         return self.noise.sample(self.stream, draw)
 
+    def corrupt(self, x0: torch.Tensor, level: Level) -> torch.Tensor:
+        """The noise type's operator C at a host-side level (identity for additive noise)."""
+        logsnr = torch.full((x0.shape[0],), level.logsnr, dtype=x0.dtype, device=x0.device)
+        return self.noise.corrupt(x0, logsnr)
+
 
 # --------------------------------------------------------------------------------------
 # Pipeline
@@ -172,7 +177,7 @@ class Pipeline:
         eps = recipe["noise"].sample(stream, step)
         a = noiselevel.append_dims(alpha.to(self.device, x0.dtype), x0.ndim)
         s = noiselevel.append_dims(sigma.to(self.device, x0.dtype), x0.ndim)
-        x_t = self.chain.perturb(x0, eps, a, s)
+        x_t = self.chain.perturb(recipe["noise"].corrupt(x0, logsnr.to(self.device, x0.dtype)), eps, a, s)
         if cond is not None:
             cond = self.guidance.training_condition(cond, rng.uniform(seed, rng.STREAM_TRAIN_COND, step, positions).to(self.device))
         param = self.parameterization

@@ -84,7 +84,7 @@ class Recipe:
 
     components: dict[str, Component]
     entries: dict[str, ComponentEntry]
-    names: dict[str, str]  # kind -> the name as written (possibly qualified)
+    names: dict[str, str]  # path ("sampler", "schedule.base") -> the name as written
     train: TrainConfig
     sample: SampleConfig
     source: Optional[str] = None
@@ -96,7 +96,7 @@ class Recipe:
         """The resolved recipe: every section with every parameter, defaults filled in."""
         out: dict[str, Any] = {}
         for kind in KINDS:
-            out[kind] = {"name": self.names[kind], **unstructure(self.components[kind])}
+            out[kind] = {"name": self.names[kind], **unstructure(self.components[kind], self.names, kind)}
         out["train"] = unstructure(self.train)
         out["sample"] = unstructure(self.sample)
         return out
@@ -219,7 +219,7 @@ def _validate(data: dict[str, Any], registry: Registry, source: Optional[str]) -
             continue
         params = {k: v for k, v in section.items() if k != "name"}
         try:
-            components[kind] = structure(entry.cls, params, path=kind)
+            components[kind] = structure(entry.cls, params, path=kind, registry=registry, names=names)
         except RecipeError as err:
             problems.extend(err.problems)
             continue

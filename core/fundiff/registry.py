@@ -102,7 +102,9 @@ def _env_true(value: Optional[str]) -> bool:
 
 
 def _format_exception(exc: BaseException) -> str:
-    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    # point at the plugin's code, not at the register() callback that raised for it
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename != __file__]
+    last = frames[-1:]
     where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
     return f"{type(exc).__name__}: {exc}{where}"
 
@@ -182,7 +184,9 @@ class Registry:
                 continue
             registry._add(info, obj)
         if strict and registry.broken:
-            raise PluginError("\n".join(p.error or "" for p in registry.broken))
+            raise PluginError(
+                "\n".join(f"{p.distribution} {p.version}: {p.error}" if p.distribution else p.error or "" for p in registry.broken)
+            )
         return registry
 
     def _add(self, info: PluginInfo, obj: object) -> None:
@@ -225,7 +229,9 @@ class Registry:
                 raise PluginError(
                     f"{kind} '{name}' must be a subclass of fundiff.{base.__name__}, got {component_class!r}"
                 )
-            if not attrs.has(component_class):
+            # attrs.has() is also true for an undecorated subclass of an attrs class (such as
+            # fundiff.Sampler), whose own annotated fields would silently not be parameters
+            if not attrs.has(component_class) or "__attrs_attrs__" not in vars(component_class):
                 raise PluginError(f"{kind} '{name}' must be an attrs class (decorate it with @attrs.frozen)")
             if any(e.kind == kind and e.name == name for e in added):
                 raise PluginError(f"{kind} '{name}' is registered twice by the same plugin")
@@ -298,4 +304,4 @@ class Registry:
         from .config import structure  # local import: config imports registry types
 
         entry = self.resolve(kind, name)
-        return structure(entry.cls, params, path=kind)
+        return structure(entry.cls, params, path=kind, registry=self)

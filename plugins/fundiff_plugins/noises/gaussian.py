@@ -6,14 +6,14 @@ import attrs
 import torch
 
 from fundiff import Noise, NoiseStream, hookimpl
-from fundiff.components import GAUSSIAN_NOISE
+from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_NOISE
 
 
 @attrs.frozen(kw_only=True)
 class Gaussian(Noise):
     """Standard normal noise, eps ~ N(0, I), one stream per sample."""
 
-    provides = frozenset({GAUSSIAN_NOISE})
+    provides = frozenset({GAUSSIAN_NOISE, ADDITIVE_NOISE})
 
     def sample(self, stream: NoiseStream, draw: int) -> torch.Tensor:
         return stream.normal(draw)

@@ -17,7 +17,7 @@ import math
 import attrs
 
 from fundiff import Sampler, hookimpl, noiselevel
-from fundiff.components import GAUSSIAN_MARGINALS, GAUSSIAN_NOISE
+from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import doc, in_range
 
 
@@ -25,14 +25,8 @@ from fundiff.config import doc, in_range
 class DDIM(Sampler):
     """Denoising diffusion implicit models; eta interpolates from deterministic (0) to DDPM (1)."""
 
-    requires = frozenset({GAUSSIAN_MARGINALS})
+    requires = frozenset({GAUSSIAN_MARGINALS, ADDITIVE_NOISE})
     eta: float = attrs.field(default=0.0, validator=in_range(0.0, 1.0), metadata=doc("stochasticity: 0 deterministic, 1 DDPM"))
-
-    def check_recipe(self, components):
-        noise = components.get("noise")
-        if self.eta > 0 and noise is not None and GAUSSIAN_NOISE not in type(noise).provides:
-            return [f"ddim with eta > 0 adds fresh Gaussian noise, which needs a Gaussian noise type; use eta: 0 or a Gaussian noise"]
-        return []
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
         if self.eta > 0 and noise is None:

@@ -12,14 +12,14 @@ import math
 import attrs
 
 from fundiff import Sampler, hookimpl, noiselevel
-from fundiff.components import GAUSSIAN_MARGINALS, GAUSSIAN_NOISE
+from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 
 
 @attrs.frozen(kw_only=True)
 class DDPM(Sampler):
     """Ancestral sampling from the Gaussian posterior given the predicted x0."""
 
-    requires = frozenset({GAUSSIAN_MARGINALS, GAUSSIAN_NOISE})
+    requires = frozenset({GAUSSIAN_MARGINALS, ADDITIVE_NOISE})
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
         if noise is None:
