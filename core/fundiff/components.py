@@ -206,9 +206,17 @@ class Noise(Component):
     """
 
     kind = "noise"
+    #: set True if the noise type estimates something from the data (see ``bind``)
+    needs_data: ClassVar[bool] = False
 
     @abc.abstractmethod
     def sample(self, stream: "NoiseStream", draw: int) -> torch.Tensor: ...
+
+    def bind(self, data: "Data") -> "Noise":
+        """Return the noise type ready for this data set (e.g. with per-dimension scales
+        estimated from it). Called once per pipeline, and only when ``needs_data`` is True;
+        must be deterministic so that a run rebuilt for sampling draws the same noise."""
+        return self
 
     def corrupt(self, x0: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
         """Apply the noise type's degradation operator C(lambda) to x0 before the noise is

@@ -129,6 +129,7 @@ class Pipeline:
         if self.trainable and recipe.train.ema > 0:
             self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
         self._data = None
+        self._noise: Optional[Noise] = None
         self.step = 0
 
     # components by kind, for readability
@@ -158,6 +159,14 @@ class Pipeline:
             self._data = self.data_set.load()
         return self._data
 
+    @property
+    def noise(self) -> Noise:
+        """The recipe's noise type, bound to the data when it estimates something from it."""
+        if self._noise is None:
+            noise = self.recipe["noise"]
+            self._noise = noise.bind(self.data) if type(noise).needs_data else noise
+        return self._noise
+
     # ---------------------------------------------------------------- training
 
     def loss(self, step: int, batch_size: int) -> torch.Tensor:
@@ -174,10 +183,10 @@ class Pipeline:
         stream = rng.NoiseStream(
             seed, positions, self.spec.shape, stream=rng.STREAM_TRAIN_NOISE, device=self.device, dtype=x0.dtype
         )
-        eps = recipe["noise"].sample(stream, step)
+        eps = self.noise.sample(stream, step)
         a = noiselevel.append_dims(alpha.to(self.device, x0.dtype), x0.ndim)
         s = noiselevel.append_dims(sigma.to(self.device, x0.dtype), x0.ndim)
-        x_t = self.chain.perturb(recipe["noise"].corrupt(x0, logsnr.to(self.device, x0.dtype)), eps, a, s)
+        x_t = self.chain.perturb(self.noise.corrupt(x0, logsnr.to(self.device, x0.dtype)), eps, a, s)
         if cond is not None:
             cond = self.guidance.training_condition(cond, rng.uniform(seed, rng.STREAM_TRAIN_COND, step, positions).to(self.device))
         param = self.parameterization
@@ -243,7 +252,7 @@ class Pipeline:
         outputs, label_outputs = [], []
         for begin in range(start, start + num_samples, batch_size):
             ids = torch.arange(begin, min(begin + batch_size, start + num_samples))
-            noise_type = self.recipe["noise"]
+            noise_type = self.noise
             prior = rng.NoiseStream(seed, ids, self.spec.shape, stream=rng.STREAM_PRIOR, device=self.device, dtype=dtype)
             x = self.chain.prior(levels[0], noise_type.sample(prior, 0))
             stream = rng.NoiseStream(seed, ids, self.spec.shape, stream=rng.STREAM_SAMPLER, device=self.device, dtype=dtype)
