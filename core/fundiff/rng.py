@@ -79,7 +79,20 @@ def _check_seed(seed: int) -> int:
 
 
 def _raw_bits(seed: int, stream: int, draw: int, sample_ids: torch.Tensor, n_per_sample: int):
-    """Four uint32 words per counter: returns (B, 4 * blocks) int64 tensor of random bits."""
+    """Four uint32 words per counter: returns (B, 4 * blocks) int64 tensor of random bits.
+
+    Counter words: c0 = element block, c1 = draw, c2 = low 32 bits of the sample id,
+    c3 = stream (high 16 bits) | high 16 bits of the sample id. Each field must fit its bits,
+    or two different (stream, draw, sample) triples would share a counter.
+    """
+    if not 0 <= stream < 2**16:
+        raise ValueError(f"stream must be in [0, 65535], got {stream!r}")
+    if not 0 <= draw < 2**32:
+        raise ValueError(f"draw index must be in [0, 2^32), got {draw!r}")
+    if sample_ids.numel() and not (0 <= int(sample_ids.min()) and int(sample_ids.max()) < 2**48):
+        raise ValueError(
+            f"sample ids must be in [0, 2^48), got values in [{int(sample_ids.min())}, {int(sample_ids.max())}]"
+        )
     blocks = max(1, math.ceil(n_per_sample / 4))
     batch = sample_ids.numel()
     block_idx = torch.arange(blocks, dtype=torch.int64).expand(batch, blocks)

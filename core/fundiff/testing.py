@@ -1,0 +1,771 @@
+"""``fundiff.testing``: conformance checks and hypothesis strategies for component authors.
+
+A plugin author tests a new component with one line::
+
+    from fundiff.testing import check_component
+
+    def test_my_schedule():
+        check_component("schedule", MySchedule())
+
+Every ``check_*`` function raises :class:`AssertionError` with a message that names the
+component, the property that failed, where (which noise level, which element) and by how
+much; it returns ``None`` when the component conforms. They run in float64 on the CPU, draw
+their test data from :mod:`fundiff.rng` (so they are deterministic) and take well under a
+second each.
+
+Tolerances are derived, not tuned. ``U`` is float64's machine epsilon (2.2e-16). A
+conversion between what a network predicts and x0 loses at most a few roundings per
+operation, amplified by the conditioning of the map at that noise level: recovering x0 from
+an eps prediction divides by alpha and multiplies the noise by sigma / alpha, recovering it
+from an x0-like prediction at high SNR amplifies by alpha / sigma. :func:`roundoff_bound`
+states that bound once; the checks use it with ``ROUNDINGS`` roundings per conversion. A
+real error (a wrong sign, a missing factor) is of order one and far above these bounds, which
+stay below 1e-8 for |logSNR| <= 15.
+
+Statistical checks (noise moments, chain perturbation moments) use ``Z_SCORE`` standard
+errors from the central limit theorem; with the fixed seeds used here they are
+deterministic, and a correct component would fail one with probability ~1e-9 per bound.
+
+The hypothesis strategies (:func:`logsnrs`, :func:`levels`, :func:`seeds`, :func:`shapes`)
+import hypothesis lazily, so importing this module does not need it.
+
+This module names no design: it only knows the component protocols and the core math.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from . import noiselevel, rng
+from .components import (
+    GAUSSIAN_MARGINALS,
+    KIND_BASES,
+    Chain,
+    DataSet,
+    DiscreteSchedule,
+    Noise,
+    Parameterization,
+    Sampler,
+    Schedule,
+    Weighting,
+)
+from .noiselevel import Level
+
+__all__ = [
+    "COVERED_KINDS",
+    "ROUNDINGS",
+    "U",
+    "Z_SCORE",
+    "check_chain",
+    "check_component",
+    "check_data",
+    "check_noise",
+    "check_parameterization",
+    "check_sampler",
+    "check_schedule",
+    "check_weighting",
+    "conditioning",
+    "gaussian_posterior_mean",
+    "levels",
+    "logsnrs",
+    "roundoff_bound",
+    "seeds",
+    "shapes",
+]
+
+#: float64 machine epsilon
+U = float(torch.finfo(torch.float64).eps)
+#: smallest normal float64: below it relative precision is lost (alpha_bar of long schedules underflows)
+_TINY = float(torch.finfo(torch.float64).tiny)
+#: roundings budgeted per conversion (a handful of flops, each at most U, twice for a round trip)
+ROUNDINGS = 64
+#: standard errors allowed by statistical checks (two-sided p ~ 2e-9 per bound)
+Z_SCORE = 6.0
+#: the random stream the kit draws its own test data from (a third-party id, see fundiff.rng)
+_KIT_STREAM = 1000
+#: default logSNR range of the checks
+LOGSNR_RANGE = (-15.0, 15.0)
+
+
+# --------------------------------------------------------------------------------------
+# Hypothesis strategies (hypothesis imported lazily)
+# --------------------------------------------------------------------------------------
+
+
+def logsnrs(min: float = -15.0, max: float = 15.0):
+    """Strategy: finite float logSNR values in [min, max]."""
+    from hypothesis import strategies as st
+
+    return st.floats(min_value=min, max_value=max, allow_nan=False, allow_infinity=False)
+
+
+def levels(chain: Chain, min: float = -15.0, max: float = 15.0, min_gap: float = 1e-6):
+    """Strategy: pairs ``(s, t)`` of :class:`fundiff.Level` with s less noisy than t.
+
+    logSNR_s - logSNR_t >= ``min_gap`` (s < t in time), both in [min, max], built with
+    ``chain.level``.
+    """
+    from hypothesis import strategies as st
+
+    if not max - min > min_gap:
+        raise ValueError(f"levels: need max - min > min_gap, got [{min}, {max}] and gap {min_gap}")
+
+    @st.composite
+    def pairs(draw):
+        lam_t = draw(st.floats(min_value=min, max_value=max - min_gap, allow_nan=False))
+        lam_s = draw(st.floats(min_value=lam_t + min_gap, max_value=max, allow_nan=False))
+        return chain.level(lam_s), chain.level(lam_t)
+
+    return pairs()
+
+
+def seeds():
+    """Strategy: valid fundiff seeds, integers in [0, 2^64)."""
+    from hypothesis import strategies as st
+
+    return st.integers(min_value=0, max_value=2**64 - 1)
+
+
+def shapes(max_dims: int = 3, max_side: int = 5):
+    """Strategy: per-sample shapes, tuples of 1..max_dims sides in [1, max_side]."""
+    from hypothesis import strategies as st
+
+    return st.lists(st.integers(min_value=1, max_value=max_side), min_size=1, max_size=max_dims).map(tuple)
+
+
+# --------------------------------------------------------------------------------------
+# Tolerances
+# --------------------------------------------------------------------------------------
+
+
+def conditioning(alpha, sigma):
+    """The amplification of relative rounding errors by a conversion at (alpha, sigma).
+
+    ``(1 + alpha/sigma + sigma/alpha) * (1 + alpha + sigma)``: going from an output to x0
+    (or back) multiplies by at most sigma/alpha (eps-like outputs at low SNR) or
+    alpha/sigma (x0-like outputs at high SNR); the second factor covers outputs that carry
+    alpha or sigma as a scale (v = alpha eps - sigma x0 on a chain whose sigma exceeds 1).
+    Works on floats and tensors.
+    """
+    return (1 + alpha / sigma + sigma / alpha) * (1 + alpha + sigma)
+
+
+def roundoff_bound(alpha, sigma, scale, roundings: int = ROUNDINGS):
+    """Bound on the absolute float64 error of a conversion: ``roundings * U * conditioning * scale``.
+
+    ``scale`` is the magnitude of the inputs (e.g. max |x0| + max |eps|).
+    """
+    return roundings * U * conditioning(alpha, sigma) * scale
+
+
+def _name(component: Any) -> str:
+    return type(component).__name__
+
+
+def _fail(component: Any, message: str) -> None:
+    raise AssertionError(f"{_name(component)}: {message}")
+
+
+def _first_mismatch(actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor, labels: Sequence[str]) -> str:
+    """Describe the worst violations of |actual - expected| <= tol (per row)."""
+    err = (actual - expected).abs()
+    excess = err - tol
+    flat = excess.reshape(excess.shape[0], -1).amax(1) if excess.ndim > 1 else excess
+    rows = torch.nonzero(flat > 0).flatten()[:3].tolist()
+    parts = []
+    for r in rows:
+        e = err[r].max().item()
+        t = tol[r].max().item() if tol.ndim and tol.numel() > 1 else float(tol.max())
+        parts.append(f"{labels[r]}: error {e:.3g} > tolerance {t:.3g}")
+    return "; ".join(parts) + (f" ({int((flat > 0).sum())} of {len(flat)} cases fail)" if len(rows) else "")
+
+
+def _kit_normal(seed: int, draw: int, n: int, shape: Sequence[int]) -> torch.Tensor:
+    return rng.normal(seed, _KIT_STREAM, draw, torch.arange(n), tuple(shape))
+
+
+def _kit_uniform(seed: int, draw: int, n: int) -> torch.Tensor:
+    return rng.uniform(seed, _KIT_STREAM, draw, torch.arange(n))
+
+
+def _is_tensor(value: Any, component: Any, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        _fail(component, f"{what} must return a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _vp_alpha_sigma(lam: torch.Tensor):
+    return noiselevel.vp_alpha_sigma(lam)
+
+
+def _ve_alpha_sigma(lam: torch.Tensor):
+    return noiselevel.ve_alpha_sigma(lam)
+
+
+def _alpha_sigma_families(chain: Optional[Chain]):
+    """(label, alpha_sigma) pairs: the chain's, or two chains of the core math (VP and alpha = 1)."""
+    if chain is not None:
+        return [(_name(chain), chain.alpha_sigma)]
+    return [("alpha^2 + sigma^2 = 1", _vp_alpha_sigma), ("alpha = 1", _ve_alpha_sigma)]
+
+
+class _LinearLogSNRSchedule(Schedule):
+    """A schedule for checks that need one: logSNR falls linearly from +15 at t = 0 to -15 at t = 1."""
+
+    def logsnr(self, t: torch.Tensor) -> torch.Tensor:
+        return 15.0 - 30.0 * torch.as_tensor(t, dtype=torch.float64)
+
+    def t_from_logsnr(self, logsnr: torch.Tensor) -> torch.Tensor:
+        return (15.0 - torch.as_tensor(logsnr, dtype=torch.float64)) / 30.0
+
+
+class _CoreVPChain(Chain):
+    """The variance-preserving marginals of the core math, for checks that need a chain."""
+
+    provides = frozenset({GAUSSIAN_MARGINALS})
+
+    def alpha_sigma(self, logsnr):
+        return noiselevel.vp_alpha_sigma(logsnr)
+
+    def level(self, logsnr: float) -> Level:
+        alpha, sigma = noiselevel.vp_alpha_sigma(float(logsnr))
+        return Level(float(logsnr), alpha, sigma)
+
+    def prior(self, level, noise):
+        return noise
+
+
+# --------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------
+
+
+def check_schedule(schedule: Schedule, *, num_points: int = 1001) -> None:
+    """Check a schedule's contract.
+
+    * ``logsnr`` on ``num_points`` evenly spaced t in [t_min, 1] returns float64, finite
+      and strictly decreasing values; ``logsnr_at`` agrees with it.
+    * ``t_from_logsnr`` inverts it: |t(lambda(t)) - t| <= R U (1 + |lambda|) / |lambda'(t)| +
+      R U, the rounding of lambda carried through the inverse's slope (lambda' from
+      finite differences on the grid, the smaller neighbour taken), and
+      |lambda(t(lambda)) - lambda| <= R U (1 + |lambda| + |lambda'|).
+    * For a :class:`fundiff.DiscreteSchedule`: T betas in (0, 1), float64;
+      ``alphas_cumprod`` is their running product of (1 - beta) to T * R * U relative; the
+      continuous map sits on the grid, sigmoid(lambda(k / T)) = alpha_bar_k, within
+      R U (T + 1 + |lambda|) relative (T roundings of the product, the rounding of lambda),
+      plus the smallest normal float64 absolute (alpha_bar may underflow into subnormals).
+    """
+    r = ROUNDINGS
+    t_min = float(schedule.t_min)
+    if not (0.0 <= t_min < 1.0):
+        _fail(schedule, f"t_min must be in [0, 1), got {t_min}")
+    t = torch.linspace(t_min, 1.0, num_points, dtype=torch.float64)
+    lam = _is_tensor(schedule.logsnr(t), schedule, "logsnr")
+    if lam.dtype != torch.float64 or lam.shape != t.shape:
+        _fail(schedule, f"logsnr(t) must keep float64 and the shape {tuple(t.shape)}, got {lam.dtype} {tuple(lam.shape)}")
+    bad = ~torch.isfinite(lam)
+    if bad.any():
+        i = int(torch.nonzero(bad)[0])
+        _fail(schedule, f"logsnr is not finite on [t_min, 1]: logsnr({t[i].item():.6g}) = {lam[i].item()}")
+    step = lam[1:] - lam[:-1]
+    if not (step < 0).all():
+        i = int(torch.nonzero(step >= 0)[0])
+        _fail(
+            schedule,
+            f"logsnr must be strictly decreasing: logsnr({t[i].item():.6g}) = {lam[i].item():.17g} "
+            f"<= logsnr({t[i + 1].item():.6g}) = {lam[i + 1].item():.17g}",
+        )
+    for ti in (t_min, 0.5 * (t_min + 1.0), 1.0):
+        host = schedule.logsnr_at(ti)
+        ref = float(schedule.logsnr(torch.tensor(ti, dtype=torch.float64)))
+        if not isinstance(host, float) or abs(host - ref) > r * U * (1 + abs(ref)):
+            _fail(schedule, f"logsnr_at({ti}) = {host!r} disagrees with logsnr(tensor) = {ref!r}")
+
+    # local slope |dlambda/dt|: the smaller of the two neighbouring difference quotients
+    quotient = (-step) / (t[1:] - t[:-1])
+    slope = torch.minimum(torch.cat([quotient[:1], quotient]), torch.cat([quotient, quotient[-1:]]))
+    t_back = _is_tensor(schedule.t_from_logsnr(lam), schedule, "t_from_logsnr")
+    tol_t = r * U * (1 + lam.abs()) / slope + r * U
+    if ((t_back - t).abs() > tol_t).any():
+        labels = [f"t = {v:.6g} (logsnr {l:.6g})" for v, l in zip(t.tolist(), lam.tolist())]
+        _fail(schedule, "t_from_logsnr(logsnr(t)) != t: " + _first_mismatch(t_back, t, tol_t, labels))
+    lam_back = schedule.logsnr(t_back)
+    tol_lam = r * U * (1 + lam.abs() + slope)
+    if ((lam_back - lam).abs() > tol_lam).any():
+        labels = [f"logsnr {l:.6g}" for l in lam.tolist()]
+        _fail(schedule, "logsnr(t_from_logsnr(lambda)) != lambda: " + _first_mismatch(lam_back, lam, tol_lam, labels))
+
+    if isinstance(schedule, DiscreteSchedule):
+        steps = schedule.num_steps
+        betas = _is_tensor(schedule.betas(), schedule, "betas")
+        if betas.dtype != torch.float64 or betas.shape != (steps,):
+            _fail(schedule, f"betas() must be float64 of shape ({steps},), got {betas.dtype} {tuple(betas.shape)}")
+        if not ((betas > 0) & (betas < 1)).all():
+            _fail(schedule, f"every beta must be in (0, 1); got min {betas.min().item()}, max {betas.max().item()}")
+        ac = schedule.alphas_cumprod()
+        ref = torch.cumprod(1.0 - betas, 0)
+        tol = r * U * steps * ref + _TINY
+        if ((ac - ref).abs() > tol).any():
+            labels = [f"alpha_bar_{k + 1}" for k in range(steps)]
+            _fail(schedule, "alphas_cumprod != cumprod(1 - betas): " + _first_mismatch(ac, ref, tol, labels))
+        grid_t = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+        grid_lam = schedule.logsnr(grid_t)
+        on_grid = torch.sigmoid(grid_lam)
+        tol = r * U * (steps + 1 + grid_lam.abs()) * ref + _TINY
+        if ((on_grid - ref).abs() > tol).any():
+            labels = [f"k = {k + 1} (t = k/T)" for k in range(steps)]
+            _fail(schedule, "sigmoid(logsnr(k/T)) != alphas_cumprod[k-1]: " + _first_mismatch(on_grid, ref, tol, labels))
+
+
+# --------------------------------------------------------------------------------------
+# Chains
+# --------------------------------------------------------------------------------------
+
+
+def check_chain(chain: Chain, *, logsnr_range: tuple[float, float] = LOGSNR_RANGE, seed: int = 0) -> None:
+    """Check a chain's contract.
+
+    * ``alpha_sigma`` on a float64 logSNR grid returns float64 tensors of the same shape,
+      finite, alpha >= 0 and sigma > 0; ``level(lambda)`` carries the same lambda and the same
+      alpha, sigma within R U relative (host and tensor math may round differently).
+    * Chains that provide ``"gaussian-marginals"``: log(alpha^2 / sigma^2) = lambda within
+      R U (1 + |lambda|) (a log of a ratio rounded to a few U), and ``level(inf)`` is clean.
+    * ``perturb`` has the marginal's moments: for a fixed x0 and standard normal noise,
+      the sample mean of x_t is alpha x0 and its variance sigma^2, within ``Z_SCORE``
+      standard errors (sigma / sqrt(n) for the mean; sqrt((m4 - var^2) / n) for the
+      variance, m4 the sample fourth central moment).
+    * ``prior`` returns a finite tensor shaped like its noise.
+    """
+    r = ROUNDINGS
+    lam = torch.linspace(logsnr_range[0], logsnr_range[1], 61, dtype=torch.float64)
+    out = chain.alpha_sigma(lam)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        _fail(chain, f"alpha_sigma must return a pair (alpha, sigma), got {type(out).__name__}")
+    alpha, sigma = out
+    for what, v in (("alpha", alpha), ("sigma", sigma)):
+        v = _is_tensor(v, chain, f"alpha_sigma's {what}")
+        if v.dtype != torch.float64 or v.shape != lam.shape:
+            _fail(chain, f"alpha_sigma's {what} must be float64 of shape {tuple(lam.shape)}, got {v.dtype} {tuple(v.shape)}")
+        if not torch.isfinite(v).all():
+            _fail(chain, f"alpha_sigma's {what} is not finite on logsnr in {logsnr_range}")
+    if not ((alpha >= 0).all() and (sigma > 0).all()):
+        _fail(chain, "alpha_sigma must give alpha >= 0 and sigma > 0 at finite logsnr")
+    for i, value in enumerate(lam.tolist()):
+        level = chain.level(value)
+        if not isinstance(level, Level):
+            _fail(chain, f"level() must return a fundiff.Level, got {type(level).__name__}")
+        if level.logsnr != value:
+            _fail(chain, f"level({value}).logsnr = {level.logsnr}")
+        for what, host, ref in (("alpha", level.alpha, alpha[i].item()), ("sigma", level.sigma, sigma[i].item())):
+            if abs(host - ref) > r * U * abs(ref):
+                _fail(chain, f"level({value}).{what} = {host!r} but alpha_sigma gives {ref!r}")
+    if GAUSSIAN_MARGINALS in type(chain).provides:
+        back = noiselevel.logsnr_from_alpha_sigma(alpha, sigma)
+        tol = r * U * (1 + lam.abs())
+        if ((back - lam).abs() > tol).any():
+            labels = [f"logsnr {v:.6g}" for v in lam.tolist()]
+            _fail(chain, "log(alpha^2 / sigma^2) != logsnr: " + _first_mismatch(back, lam, tol, labels))
+        clean = chain.level(math.inf)
+        if not clean.is_clean:
+            _fail(chain, f"level(inf) must be the clean level (sigma = 0), got {clean}")
+
+    # perturbation moments
+    n, dim = 20000, 2
+    x0 = torch.tensor([1.5, -0.5], dtype=torch.float64)
+    noise = rng.NoiseStream(seed, torch.arange(n), (dim,), stream=_KIT_STREAM, dtype=torch.float64).normal(0)
+    for value in (logsnr_range[0] / 3, 0.0, logsnr_range[1] / 3):
+        a, s = chain.alpha_sigma(torch.full((n,), value, dtype=torch.float64))
+        x_t = chain.perturb(x0.expand(n, dim), noise, a[:, None], s[:, None])
+        x_t = _is_tensor(x_t, chain, "perturb")
+        if x_t.shape != (n, dim) or not torch.isfinite(x_t).all():
+            _fail(chain, f"perturb must return finite values shaped like x0, got {tuple(x_t.shape)}")
+        a0, s0 = a[0].item(), s[0].item()
+        mean, var = x_t.mean(0), x_t.var(0)
+        m4 = ((x_t - mean) ** 4).mean(0)
+        se_mean = s0 / math.sqrt(n)
+        se_var = ((m4 - var**2).clamp(min=0) / n).sqrt()
+        for j in range(dim):
+            if abs(mean[j].item() - a0 * x0[j].item()) > Z_SCORE * se_mean + r * U * (abs(a0 * x0[j].item()) + s0):
+                _fail(chain, f"perturb at logsnr {value:g}: mean of x_t[{j}] is {mean[j].item():.6g}, expected alpha x0 = {a0 * x0[j].item():.6g} (+- {Z_SCORE * se_mean:.3g})")
+            if abs(var[j].item() - s0**2) > Z_SCORE * se_var[j].item() + r * U * s0**2:
+                _fail(chain, f"perturb at logsnr {value:g}: variance of x_t[{j}] is {var[j].item():.6g}, expected sigma^2 = {s0**2:.6g} (+- {Z_SCORE * se_var[j].item():.3g})")
+    terminal = chain.level(logsnr_range[0])
+    prior = _is_tensor(chain.prior(terminal, noise[:16]), chain, "prior")
+    if prior.shape != noise[:16].shape or not torch.isfinite(prior).all():
+        _fail(chain, f"prior must return finite values shaped like its noise {tuple(noise[:16].shape)}, got {tuple(prior.shape)}")
+
+
+# --------------------------------------------------------------------------------------
+# Parameterizations
+# --------------------------------------------------------------------------------------
+
+
+def check_parameterization(
+    param: Parameterization,
+    chain: Optional[Chain] = None,
+    *,
+    logsnr_range: tuple[float, float] = LOGSNR_RANGE,
+    seed: int = 0,
+    shape: Sequence[int] = (8,),
+) -> None:
+    """Check a parameterization's contract in float64 at 61 logSNRs spanning ``logsnr_range``.
+
+    With x0, eps ~ N(0, I) (x0 scaled by 2), x_t = alpha x0 + sigma eps and a perturbed
+    x0_hat = x0 + N(0, I):
+
+    * ``to_x0(from_x0(x0)) == x0`` and ``to_x0(target(x0, eps)) == x0``;
+    * ``from_x0(x0) == target(x0, eps)`` (the ideal network output is the target);
+    * ``log_x0_mse_factor(alpha, sigma)`` (alpha, sigma of shape (B,)) equals the measured
+      log(||from_x0(x0_hat) - target||^2 / ||x0_hat - x0||^2) per sample;
+    * ``input_scale`` is finite and positive.
+
+    Tolerance: :func:`roundoff_bound` with scale max|x0| + max|x0_hat| + max|eps| per
+    sample for the conversions; for the log ratio, twice the relative error of the
+    difference (its rounding bound over the measured difference's RMS) plus R U (1 +
+    |lambda|) for the log. Without ``chain`` the checks run on two families of the core
+    math, alpha^2 + sigma^2 = 1 and alpha = 1, since the contract says a parameterization
+    uses (alpha, sigma) alone.
+    """
+    lam = torch.linspace(logsnr_range[0], logsnr_range[1], 61, dtype=torch.float64)
+    n = lam.numel()
+    shape = tuple(shape)
+    x0 = 2.0 * _kit_normal(seed, 0, n, shape)
+    eps = _kit_normal(seed, 1, n, shape)
+    x0_hat = x0 + _kit_normal(seed, 2, n, shape)
+    dims = len(shape) + 1
+    scale = (x0.abs().flatten(1).amax(1) + x0_hat.abs().flatten(1).amax(1) + eps.abs().flatten(1).amax(1))
+    for family, alpha_sigma in _alpha_sigma_families(chain):
+        alpha, sigma = alpha_sigma(lam)
+        a, s = noiselevel.append_dims(alpha, dims), noiselevel.append_dims(sigma, dims)
+        x_t = a * x0 + s * eps
+        tol = noiselevel.append_dims(roundoff_bound(alpha, sigma, scale), dims)
+        labels = [f"{family}, logsnr {v:.6g}" for v in lam.tolist()]
+
+        def run(what: str, fn: Callable[[], Any]) -> torch.Tensor:
+            value = _is_tensor(fn(), param, what)
+            if value.shape != x0.shape or value.dtype != torch.float64:
+                _fail(param, f"{what} must keep the shape {tuple(x0.shape)} and float64, got {tuple(value.shape)} {value.dtype}")
+            if not torch.isfinite(value).all():
+                _fail(param, f"{what} is not finite ({family})")
+            return value
+
+        out = run("from_x0", lambda: param.from_x0(x0, x_t, a, s))
+        target = run("target", lambda: param.target(x0, eps, x_t, a, s))
+        back = run("to_x0", lambda: param.to_x0(out, x_t, a, s))
+        if ((back - x0).abs() > tol).any():
+            _fail(param, "to_x0(from_x0(x0)) != x0: " + _first_mismatch(back, x0, tol, labels))
+        back = run("to_x0", lambda: param.to_x0(target, x_t, a, s))
+        if ((back - x0).abs() > tol).any():
+            _fail(param, "to_x0(target(x0, eps)) != x0: " + _first_mismatch(back, x0, tol, labels))
+        out_scale = noiselevel.append_dims(out.abs().flatten(1).amax(1) + target.abs().flatten(1).amax(1), dims)
+        tol_out = tol * (1 + out_scale / noiselevel.append_dims(scale, dims))
+        if ((out - target).abs() > tol_out).any():
+            _fail(param, "from_x0(x0) != target(x0, eps) (the ideal output must be the target): " + _first_mismatch(out, target, tol_out, labels))
+
+        out_hat = run("from_x0", lambda: param.from_x0(x0_hat, x_t, a, s))
+        diff = (out_hat - target).flatten(1)
+        num = (diff**2).sum(1)
+        den = ((x0_hat - x0).flatten(1) ** 2).sum(1)
+        measured = torch.log(num / den)
+        claimed = param.log_x0_mse_factor(alpha, sigma)
+        claimed = torch.as_tensor(claimed, dtype=torch.float64)
+        try:
+            claimed = claimed.expand(n)
+        except RuntimeError:
+            _fail(param, f"log_x0_mse_factor(alpha, sigma) for alpha of shape ({n},) must broadcast to ({n},), got {tuple(claimed.shape)}")
+        rms = (num / diff.shape[1]).sqrt()
+        rel = tol.flatten(1).amax(1) * (1 + out_scale.flatten() / scale) / rms
+        tol_log = 2 * rel + ROUNDINGS * U * (1 + lam.abs())
+        if not ((measured - claimed).abs() <= tol_log).all():
+            _fail(
+                param,
+                "log_x0_mse_factor != log(||out_hat - target||^2 / ||x0_hat - x0||^2): "
+                + _first_mismatch(claimed, measured, tol_log, labels),
+            )
+        c_in = torch.as_tensor(param.input_scale(a, s), dtype=torch.float64)
+        if not (torch.isfinite(c_in).all() and (c_in > 0).all()):
+            _fail(param, f"input_scale must be finite and > 0 ({family})")
+
+
+# --------------------------------------------------------------------------------------
+# Weightings
+# --------------------------------------------------------------------------------------
+
+
+def check_weighting(
+    weighting: Weighting, schedule: Optional[Schedule] = None, chain: Optional[Chain] = None, *, seed: int = 0, n: int = 4096
+) -> None:
+    """Check a weighting's contract against a schedule (default: logSNR linear from 15 to -15).
+
+    * ``sample_logsnr(u, schedule)`` for ``n`` Philox uniforms plus the extreme uniforms
+      Philox can produce (2^-33 and 1 - 2^-33) returns float64 of shape (B,), finite, inside
+      [lambda(1), lambda(t_min)] (within R U (1 + |lambda|) for the rounding of an inverse
+      CDF), and the same values for the same u;
+    * ``log_x0_weight(lambda, alpha, sigma)`` is finite with a finite exp on that sample and
+      on a grid spanning the schedule's range ((alpha, sigma) from ``chain``, default VP).
+    """
+    schedule = schedule or _LinearLogSNRSchedule()
+    chain = chain or _CoreVPChain()
+    u = torch.cat([_kit_uniform(seed, 0, n), torch.tensor([2.0**-33, 0.5, 1.0 - 2.0**-33], dtype=torch.float64)])
+    lam = _is_tensor(weighting.sample_logsnr(u.clone(), schedule), weighting, "sample_logsnr")
+    if lam.shape != u.shape or lam.dtype != torch.float64:
+        _fail(weighting, f"sample_logsnr must return float64 of shape {tuple(u.shape)}, got {lam.dtype} {tuple(lam.shape)}")
+    if not torch.isfinite(lam).all():
+        i = int(torch.nonzero(~torch.isfinite(lam))[0])
+        _fail(weighting, f"sample_logsnr(u = {u[i].item()!r}) = {lam[i].item()} is not finite")
+    lo = schedule.logsnr_at(1.0)
+    hi = schedule.logsnr_at(schedule.t_min)
+    slack = ROUNDINGS * U * (1 + lam.abs())
+    outside = (lam < lo - slack) | (lam > hi + slack)
+    if outside.any():
+        i = int(torch.nonzero(outside)[0])
+        _fail(weighting, f"sample_logsnr(u = {u[i].item()!r}) = {lam[i].item()} is outside the schedule's range [{lo}, {hi}]")
+    again = weighting.sample_logsnr(u.clone(), schedule)
+    if not torch.equal(lam, again):
+        _fail(weighting, "sample_logsnr is not a function of u (two calls with the same u differ)")
+    grid = torch.linspace(lo, hi, 257, dtype=torch.float64)
+    for what, values in (("sampled logsnr", lam), ("a grid over the schedule's range", grid)):
+        alpha, sigma = chain.alpha_sigma(values)
+        log_w = torch.as_tensor(weighting.log_x0_weight(values, alpha, sigma), dtype=torch.float64)
+        try:
+            log_w = log_w.expand(values.shape)
+        except RuntimeError:
+            _fail(weighting, f"log_x0_weight must broadcast to the logsnr's shape {tuple(values.shape)}, got {tuple(log_w.shape)}")
+        bad = ~torch.isfinite(log_w) | ~torch.isfinite(torch.exp(log_w))
+        if bad.any():
+            i = int(torch.nonzero(bad)[0])
+            _fail(weighting, f"log_x0_weight on {what}: weight at logsnr {values[i].item():.6g} is not finite (log w = {log_w[i].item()})")
+
+
+# --------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------
+
+
+def gaussian_posterior_mean(x_t: torch.Tensor, level: Level, mean: torch.Tensor, std: float) -> torch.Tensor:
+    """E[x0 | x_t] for x0 ~ N(mean, std^2 I) and x_t = alpha x0 + sigma eps.
+
+    x_t ~ N(alpha mean, v I) with v = alpha^2 std^2 + sigma^2, and the posterior mean is
+    mean + (alpha std^2 / v) (x_t - alpha mean) (a Gaussian prior times a Gaussian likelihood).
+    """
+    v = level.alpha**2 * std**2 + level.sigma**2
+    return mean + (level.alpha * std**2 / v) * (x_t - level.alpha * mean)
+
+
+def check_sampler(
+    sampler: Sampler,
+    chain: Optional[Chain] = None,
+    *,
+    logsnr_range: tuple[float, float] = (-10.0, 10.0),
+    batch: int = 512,
+    shape: Sequence[int] = (3,),
+    seed: int = 0,
+    per_sample: bool = True,
+) -> None:
+    """Check a sampler with an exact denoiser for Gaussian data, x0 ~ N(m, s^2 I).
+
+    The levels are ``sampler.steps`` logSNRs evenly spaced from ``logsnr_range[0]`` up to
+    ``logsnr_range[1]`` and then the clean level (``chain.level``; default: the core VP
+    math), and the start is drawn from the exact marginal N(alpha m, alpha^2 s^2 + sigma^2)
+    at the first level, so only the sampler's own error remains.
+
+    * the result is finite, float64, shaped like the start; ``denoise`` was called with
+      :class:`fundiff.Level` objects; ``callback(i, x, x0)`` gets tensors of that shape;
+    * reproducible: the same noise streams give identical results; a sampler that accepts
+      ``noise=None`` (a deterministic one) gives identical results on two calls;
+    * ``per_sample``: sample i's result does not depend on the batch it is in (set False for
+      samplers whose step control couples the batch); compared to R U times the data scale;
+    * a sanity band when ending on the clean level: the sample mean is within s/2 of m and
+      the sample std within [s/2, 3s/2]. A correct sampler is far inside it at 50 steps; a
+      sampler that returns its start (mean 0-ish, std 1) or diverges is far outside.
+    """
+    chain = chain or _CoreVPChain()
+    shape = tuple(shape)
+    m = torch.linspace(-1.0, 1.5, math.prod(shape), dtype=torch.float64).reshape(shape)
+    s_data = 0.3
+    steps = sampler.steps
+    lams = torch.linspace(logsnr_range[0], logsnr_range[1], steps, dtype=torch.float64).tolist()
+    grid = [chain.level(v) for v in lams] + [chain.level(math.inf)]
+    seen_types: set[type] = set()
+
+    def denoise(x: torch.Tensor, level: Level) -> torch.Tensor:
+        seen_types.add(type(level))
+        return gaussian_posterior_mean(x, level, m, s_data)
+
+    def start(ids: torch.Tensor) -> torch.Tensor:
+        z = rng.NoiseStream(seed, ids, shape, stream=rng.STREAM_PRIOR, dtype=torch.float64).normal(0)
+        first = grid[0]
+        return first.alpha * m + math.sqrt(first.alpha**2 * s_data**2 + first.sigma**2) * z
+
+    def run(ids: torch.Tensor, callback=None, with_noise: bool = True) -> torch.Tensor:
+        noise = rng.NoiseStream(seed, ids, shape, stream=rng.STREAM_SAMPLER, dtype=torch.float64) if with_noise else None
+        return sampler.sample(denoise, start(ids), grid, noise, callback)
+
+    ids = torch.arange(batch)
+    calls: list[tuple[int, tuple, tuple]] = []
+
+    def callback(i, x, x0):
+        calls.append((i, tuple(x.shape), tuple(x0.shape)))
+
+    out = _is_tensor(run(ids, callback), sampler, "sample")
+    expected = (batch, *shape)
+    if out.shape != expected or out.dtype != torch.float64:
+        _fail(sampler, f"sample must return the start's shape {expected} and dtype float64, got {tuple(out.shape)} {out.dtype}")
+    if not torch.isfinite(out).all():
+        _fail(sampler, "sample returned non-finite values with an exact Gaussian denoiser")
+    if seen_types != {Level}:
+        _fail(sampler, f"denoise must be called with fundiff.Level objects, got {seen_types or 'no calls'}")
+    if not calls:
+        _fail(sampler, "callback was never called")
+    if any(c[1] != expected or c[2] != expected for c in calls):
+        _fail(sampler, f"callback(i, x, x0) must get tensors of shape {expected}, got {calls[0]}")
+    again = run(ids)
+    if not torch.equal(out, again):
+        _fail(sampler, f"not reproducible: two runs with the same noise streams differ by {(out - again).abs().max().item():.3g}")
+    try:
+        det = run(ids, with_noise=False)
+    except (ValueError, TypeError):
+        det = None  # a stochastic sampler that needs a noise stream
+    if det is not None:
+        det2 = run(ids, with_noise=False)
+        if not torch.equal(det, det2) or not torch.isfinite(det).all():
+            _fail(sampler, "deterministic run (noise=None) is not reproducible or not finite")
+    if per_sample:
+        sub = torch.tensor([batch - 1, 0, batch // 2])
+        part = run(sub)
+        tol = ROUNDINGS * U * (1 + out.abs().max().item())
+        if (part - out[sub]).abs().max().item() > tol:
+            _fail(sampler, f"sample i depends on its batch: ids {sub.tolist()} alone differ from the full batch by {(part - out[sub]).abs().max().item():.3g}")
+    if grid[-1].is_clean:
+        mean = out.mean(0)
+        std = out.std(0)
+        if (mean - m).abs().max().item() > 0.5 * s_data or not ((std > 0.5 * s_data) & (std < 1.5 * s_data)).all():
+            _fail(
+                sampler,
+                f"with an exact denoiser for N(m, {s_data}^2) data the samples have mean error "
+                f"{(mean - m).abs().max().item():.3g} and std in [{std.min().item():.3g}, {std.max().item():.3g}]; "
+                f"outside the sanity band (mean within {0.5 * s_data}, std in [{0.5 * s_data}, {1.5 * s_data}])",
+            )
+
+
+# --------------------------------------------------------------------------------------
+# Noise
+# --------------------------------------------------------------------------------------
+
+
+def check_noise(noise: Noise, *, batch: int = 8192, shape: Sequence[int] = (4, 4), seed: int = 0) -> None:
+    """Check a noise type's contract.
+
+    * ``sample(stream, draw)`` returns a finite tensor of shape (batch, *shape) in the
+      stream's dtype (float64 and float32 are both tried);
+    * the same draw gives the same numbers; another draw, or another seed, different ones;
+    * zero mean and unit variance per element: over n = batch * prod(shape) values the mean
+      is within ``Z_SCORE`` / sqrt(n) of 0 and the variance within ``Z_SCORE`` sqrt((m4 -
+      1) / n) of 1, m4 the sample fourth central moment (the CLT standard errors);
+    * per-sample streams: sample i's noise is the same in any batch, at any position
+      (``fundiff.NoiseStream`` with a different set of sample ids).
+    """
+    shape = tuple(shape)
+
+    def draw(ids, draw_index, *, s=seed, dtype=torch.float64):
+        stream = rng.NoiseStream(s, ids, shape, stream=_KIT_STREAM, dtype=dtype)
+        return _is_tensor(noise.sample(stream, draw_index), noise, "sample")
+
+    ids = torch.arange(batch)
+    z = draw(ids, 0)
+    if z.shape != (batch, *shape) or z.dtype != torch.float64:
+        _fail(noise, f"sample must return shape {(batch, *shape)} in the stream's dtype float64, got {tuple(z.shape)} {z.dtype}")
+    if not torch.isfinite(z).all():
+        _fail(noise, "sample returned non-finite values")
+    z32 = draw(ids[:8], 0, dtype=torch.float32)
+    if z32.dtype != torch.float32 or z32.shape != (8, *shape):
+        _fail(noise, f"sample must follow the stream's dtype (float32), got {z32.dtype}")
+    if not torch.equal(z, draw(ids, 0)):
+        _fail(noise, "the same stream and draw gave different numbers")
+    if torch.equal(z, draw(ids, 1)):
+        _fail(noise, "draw 0 and draw 1 gave the same numbers")
+    if torch.equal(z, draw(ids, 0, s=seed + 1)):
+        _fail(noise, "seeds differing by one gave the same numbers")
+    n = z.numel()
+    mean = z.mean().item()
+    var = z.var().item()
+    m4 = ((z - mean) ** 4).mean().item()
+    if abs(mean) > Z_SCORE / math.sqrt(n):
+        _fail(noise, f"mean {mean:.4g} over {n} values is more than {Z_SCORE} standard errors ({Z_SCORE / math.sqrt(n):.3g}) from 0")
+    se_var = math.sqrt(max(m4 - 1.0, 0.0) / n)
+    if abs(var - 1.0) > Z_SCORE * se_var:
+        _fail(noise, f"variance {var:.4g} over {n} values is more than {Z_SCORE} standard errors ({Z_SCORE * se_var:.3g}) from 1")
+    sub = torch.tensor([batch - 1, 0, 7, batch // 2])
+    part = draw(sub, 0)
+    if not torch.equal(part, z[sub]):
+        _fail(noise, f"sample i depends on its batch: ids {sub.tolist()} drawn alone differ from the full batch")
+
+
+# --------------------------------------------------------------------------------------
+# Data sets
+# --------------------------------------------------------------------------------------
+
+
+def check_data(data: DataSet) -> None:
+    """Check a data set's contract.
+
+    ``load()`` returns float32, finite ``x`` of shape (N, *spec.shape) with N >= 1, the same
+    spec as ``spec()``, labels None or int64 (N,) in [0, num_classes), and the same data when
+    loaded twice.
+    """
+    spec = data.spec()
+    loaded = data.load()
+    if loaded.spec != spec:
+        _fail(data, f"load().spec {loaded.spec} differs from spec() {spec}")
+    x = _is_tensor(loaded.x, data, "load().x")
+    if x.dtype != torch.float32 or x.ndim != len(spec.shape) + 1 or tuple(x.shape[1:]) != tuple(spec.shape) or x.shape[0] < 1:
+        _fail(data, f"x must be float32 of shape (N, *{tuple(spec.shape)}), got {x.dtype} {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        _fail(data, "x has non-finite values")
+    if loaded.labels is not None:
+        labels = loaded.labels
+        if labels.dtype != torch.int64 or labels.shape != (x.shape[0],):
+            _fail(data, f"labels must be int64 of shape ({x.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
+        if spec.num_classes > 0 and not ((labels >= 0) & (labels < spec.num_classes)).all():
+            _fail(data, f"labels must be in [0, {spec.num_classes})")
+    again = data.load()
+    if not torch.equal(again.x, x):
+        _fail(data, "load() is not deterministic for fixed parameters")
+
+
+# --------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------
+
+_CHECKS: dict[str, Callable[..., None]] = {
+    "data": check_data,
+    "schedule": check_schedule,
+    "chain": check_chain,
+    "noise": check_noise,
+    "parameterization": check_parameterization,
+    "weighting": check_weighting,
+    "sampler": check_sampler,
+}
+#: component kinds :func:`check_component` has checks for
+COVERED_KINDS: tuple[str, ...] = tuple(_CHECKS)
+
+
+def check_component(kind: str, component: Any, **context: Any) -> None:
+    """Run the conformance check for ``kind`` on ``component``.
+
+    ``context`` is passed on: ``chain=`` for parameterizations and samplers, ``schedule=``
+    and ``chain=`` for weightings. Raises :class:`ValueError` for a kind the kit has no
+    check for (see ``COVERED_KINDS``) and :class:`AssertionError` when the component is not
+    an instance of the kind's base class or fails its check.
+    """
+    if kind not in KIND_BASES:
+        raise ValueError(f"unknown component kind {kind!r}; kinds: {', '.join(KIND_BASES)}")
+    if kind not in _CHECKS:
+        raise ValueError(f"fundiff.testing has no check for kind {kind!r}; covered: {', '.join(COVERED_KINDS)}")
+    base = KIND_BASES[kind]
+    if not isinstance(component, base):
+        raise AssertionError(f"{_name(component)} is not a fundiff.{base.__name__} (kind {kind!r})")
+    _CHECKS[kind](component, **context)
