@@ -15,8 +15,9 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import fundiff
 from fundiff import DiscreteSchedule, Level, noiselevel, rng
-from fundiff.testing import logsnrs, seeds, shapes
+from fundiff.testing import levels, logsnrs, seeds, shapes
 
 U = float(torch.finfo(torch.float64).eps)
 R = 64
@@ -159,6 +160,35 @@ def test_posterior_matches_textbook_formula(lam_t, gap):
     assert abs(coef_xt - ref_xt) <= R * U * ref_xt
     assert abs(var - ref_var) <= rel * ref_var + R * U * s.sigma**2
     assert 0.0 <= var <= s.sigma**2
+
+
+_REGISTRY = fundiff.Registry.discover()
+
+
+@pytest.mark.parametrize("chain_name", _REGISTRY.names("chain"))
+@given(data=st.data())
+def test_posterior_is_consistent_with_the_marginals(registry, chain_name, data):
+    """For every registered chain and levels s less noisy than t, the posterior
+    q(x_s | x_t, x0) = N(c0 x0 + ct x_t, var) must average back to the marginal
+    q(x_s | x0) = N(alpha_s x0, sigma_s^2) over x_t ~ q(x_t | x0) = N(alpha_t x0, sigma_t^2):
+
+        c0 + ct alpha_t = alpha_s   (law of total expectation),
+        var + ct^2 sigma_t^2 = sigma_s^2   (law of total variance),
+
+    and the transition composes: alpha_{t|s} alpha_s = alpha_t, sigma_{t|s}^2 >= 0 (VDM,
+    Kingma et al. 2021, eq. 5-7). Both sides are sums of non-negative terms, so the only
+    error is the level's lambda vs (alpha, sigma) rounding: R U (1 + |lambda_s| + |lambda_t|)
+    relative to alpha_s resp. sigma_s^2.
+    """
+    chain = registry.build("chain", chain_name)
+    s, t = data.draw(levels(chain, -20.0, 20.0))
+    c0, ct, var = noiselevel.posterior(s, t)
+    alpha_ts, var_ts = noiselevel.transition(s, t)
+    tol = R * U * (1 + abs(s.logsnr) + abs(t.logsnr))
+    assert abs(c0 + ct * t.alpha - s.alpha) <= tol * s.alpha
+    assert abs(var + ct * ct * t.sigma**2 - s.sigma**2) <= tol * s.sigma**2
+    assert abs(alpha_ts * s.alpha - t.alpha) <= tol * t.alpha
+    assert var_ts >= 0.0 and 0.0 <= var <= s.sigma**2
 
 
 @given(lam_t=logsnrs(-20.0, 20.0))
