@@ -26,6 +26,7 @@ examples:
   fundiff check recipes/two-moons.yaml  validate a recipe without running it
   fundiff train recipes/two-moons.yaml --run-dir runs/two-moons
   fundiff sample runs/two-moons --sampler ddpm --steps 200 -n 2000
+  fundiff plot schedules --out schedules.png
   fundiff -p no:gmm-oracle plugins      disable a plugin for one command
 """
 
@@ -220,6 +221,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from . import plotting
+
+    registry = _registry(args)
+    kind = "schedule" if args.what == "schedules" else "noise"
+    names = args.names or registry.names(kind)
+    components = [(name, registry.build(kind, name)) for name in names]
+    chain = registry.build("chain", args.chain)
+    if args.what == "schedules":
+        plotting.plot_schedules(args.out, components, chain)
+    else:
+        schedule = registry.build("schedule", args.schedule)
+        for problem in plotting.plot_noises(args.out, components, schedule, chain):
+            print(f"fundiff: skipped {problem}", file=sys.stderr)
+    print(args.out)
+    return 0
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -282,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="do not write a picture")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("plot", help="pictures of components: schedules or noise types")
+    p.add_argument("what", choices=["schedules", "noise"])
+    p.add_argument("names", nargs="*", metavar="NAME", help="components to draw (default: all registered)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--chain", default="vp", help="chain that maps logSNR to (alpha, sigma) (default vp)")
+    p.add_argument("--schedule", default="cosine", help="schedule of the perturbed examples in 'plot noise'")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -80,3 +80,87 @@ def _image_grid(samples: torch.Tensor, title: str) -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------
+# Pictures of components (the survey's Tables III and IV)
+# --------------------------------------------------------------------------------------
+
+
+def plot_schedules(path: str, schedules: "list[tuple[str, object]]", chain) -> None:
+    """logSNR, alpha^2 (alpha-bar on a VP chain) and sigma against t, one line per schedule."""
+    plt = _pyplot()
+    t = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=110)
+    for name, schedule in schedules:
+        t_used = t.clamp(min=schedule.t_min)
+        logsnr = schedule.logsnr(t_used)
+        alpha, sigma = chain.alpha_sigma(logsnr)
+        axes[0].plot(t_used, logsnr.clamp(-25, 25), label=name)
+        axes[1].plot(t_used, alpha**2, label=name)
+        axes[2].plot(t_used, sigma, label=name)
+    for ax, label in zip(axes, ("logSNR lambda(t) (clipped to +-25)", "alpha^2 (alpha-bar on vp)", "sigma")):
+        ax.set_xlabel("t")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _test_image(size: int = 32) -> torch.Tensor:
+    """A smooth synthetic image in [-1, 1] (a ring and a bar), shape (1, 1, size, size)."""
+    coords = torch.linspace(-1, 1, size)
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    ring = torch.exp(-((x**2 + y**2).sqrt() - 0.6) ** 2 / 0.02)
+    bar = ((x.abs() < 0.12) & (y.abs() < 0.5)).float()
+    return (2 * (ring + bar).clamp(0, 1) - 1)[None, None]
+
+
+def plot_noises(path: str, noises: "list[tuple[str, object]]", schedule, chain, levels: "Sequence[float]" = (0.2, 0.4, 0.6, 0.8, 1.0)) -> list[str]:
+    """One row per noise type: a histogram of its draws and an image perturbed at several t.
+
+    Returns the names that could not be drawn on a 1x32x32 image, with the reason."""
+    from . import rng
+
+    plt = _pyplot()
+    image = _test_image()
+    skipped: list[str] = []
+    rows = []
+    for name, noise in noises:
+        try:
+            stream = rng.NoiseStream(0, torch.arange(64), image.shape[1:], stream=rng.STREAM_PRIOR)
+            draws = noise.sample(stream, 0)
+            panels = []
+            for t in levels:
+                logsnr = schedule.logsnr(torch.tensor([max(t, schedule.t_min)], dtype=torch.float64))
+                alpha, sigma = chain.alpha_sigma(logsnr)
+                eps = noise.sample(rng.NoiseStream(1, torch.arange(1), image.shape[1:], stream=rng.STREAM_PRIOR), 0)
+                clean = noise.corrupt(image, logsnr.float())
+                panels.append(float(alpha) * clean + float(sigma) * eps)
+            rows.append((name, draws.flatten(), panels))
+        except Exception as exc:  # noqa: BLE001 - a picture must not fail for one component
+            skipped.append(f"{name}: {type(exc).__name__}: {exc}")
+    if not rows:
+        raise ValueError("no noise type could be drawn: " + "; ".join(skipped))
+    fig, axes = plt.subplots(len(rows), 1 + len(levels), figsize=(2.2 * (1 + len(levels)), 2.1 * len(rows)), dpi=100, squeeze=False)
+    for row, (name, values, panels) in enumerate(rows):
+        ax = axes[row][0]
+        ax.hist(values.numpy(), bins=60, density=True, color="#1f5fbf")
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=6)
+        for col, (t, panel) in enumerate(zip(levels, panels), start=1):
+            ax = axes[row][col]
+            ax.imshow(panel[0, 0].clamp(-3, 3), cmap="gray")
+            ax.axis("off")
+            if row == 0:
+                ax.set_title(f"t = {t}", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return skipped

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Regenerate the pictures in docs/images from the registered components (run after adding one).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/fundiff plot schedules --out docs/images/schedules.png
+.venv/bin/fundiff plot noise --out docs/images/noise.png
