@@ -18,11 +18,19 @@ from fundiff import BuildContext, Denoiser, hookimpl
 from fundiff.config import at_least, doc, greater_than
 
 
+#: logSNR is clamped to [-LOGSNR_CLAMP, LOGSNR_CLAMP] before it is embedded. Schedules may
+#: reach lambda = -inf (zero terminal SNR, alpha = 0) or +inf (clean data), and cos(inf) is
+#: NaN; beyond |lambda| = 50 alpha or sigma is below exp(-25) ~ 1e-11, which float32 inputs
+#: cannot tell from 0, so the clamp changes nothing a network could resolve.
+LOGSNR_CLAMP = 50.0
+
+
 def sinusoidal_embedding(logsnr: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
-    """[cos(lambda w_k), sin(lambda w_k)] with w_k geometric from 1 down to 1 / max_period."""
+    """[cos(lambda w_k), sin(lambda w_k)] with w_k geometric from 1 down to 1 / max_period
+    (lambda clamped to +-LOGSNR_CLAMP first, so that infinite levels embed as finite ones)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=logsnr.device, dtype=torch.float32) / half)
-    angles = logsnr.float()[:, None] * freqs[None, :]
+    angles = logsnr.float().clamp(-LOGSNR_CLAMP, LOGSNR_CLAMP)[:, None] * freqs[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
