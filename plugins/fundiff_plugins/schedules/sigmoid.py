@@ -10,7 +10,9 @@ the logistic curve,
 which falls from 1 at t = 0 to 0 at t = 1 (Chen's defaults: start = -3, end = 3, tau = 1).
 As in ``simple-linear``, gamma is squeezed into [c, 1 - c] (Chen clips it at 1e-9) so that
 logSNR is finite and strictly decreasing on all of [0, 1]:
-alpha_bar(t) = c + (1 - 2c) gamma(t).
+alpha_bar(t) = c + (1 - 2c) gamma(t). When end / tau (or -start / tau) is much larger than
+log(1 / c) the logistic curve saturates at the clip, and logSNR flattens there below float64
+resolution; keep them below about 20.
 
 Differences of logistic values are computed without cancellation from
 sigmoid(a) - sigmoid(b) = sinh((a - b) / 2) / (2 cosh(a / 2) cosh(b / 2)), in log space so
