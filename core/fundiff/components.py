@@ -143,6 +143,26 @@ class Schedule(Component):
         """lambda(t) on the host as a Python float (used for sampler grids)."""
         return float(self.logsnr(torch.tensor(t, dtype=torch.float64)))
 
+    def logsnr_and_rate(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lambda(t), d lambda / dt), by automatic differentiation of ``logsnr``.
+
+        The rate stays differentiable with respect to a learned schedule's parameters
+        (``create_graph``), so losses weighted by it can train them."""
+        with torch.enable_grad():
+            t = t.detach().clone().requires_grad_(True)
+            logsnr = self.logsnr(t)
+            (rate,) = torch.autograd.grad(logsnr.sum(), t, create_graph=True)
+        return logsnr, rate
+
+    def build_module(self) -> "Optional[torch.nn.Module]":
+        """A schedule with trainable parameters returns a ``torch.nn.Module`` here that
+        itself implements ``logsnr``, ``t_from_logsnr`` and ``t_min``; the pipeline then uses
+        the module as the schedule, trains its parameters with the denoiser's optimizer (to
+        minimise the variance of the loss estimate, as in VDM, Kingma et al. 2021, sec. 5.2,
+        since the expected variational loss does not depend on the schedule's interior) and
+        stores them in checkpoints. Fixed schedules return None."""
+        return None
+
 
 class DiscreteSchedule(Schedule):
     """A schedule defined by T betas (survey sec. 2.2.1, DDPM's discrete chain).
@@ -330,6 +350,13 @@ class Weighting(Component):
 
     @abc.abstractmethod
     def sample_logsnr(self, u: torch.Tensor, schedule: Schedule) -> torch.Tensor: ...
+
+    def draw(self, u: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What the trainer calls: training logSNRs and an optional per-sample log weight
+        added to ``log_x0_weight`` (for weights that depend on the schedule at the drawn
+        point, such as the rate d lambda / dt of a likelihood weighting). The default draws
+        ``sample_logsnr`` and adds nothing."""
+        return self.sample_logsnr(u, schedule), None
 
     @abc.abstractmethod
     def log_x0_weight(self, logsnr: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...

@@ -128,6 +128,11 @@ class Pipeline:
         self.ema_model: Optional[torch.nn.Module] = None
         if self.trainable and recipe.train.ema > 0:
             self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
+        # a learned schedule is a module whose parameters train with the denoiser
+        self.schedule_module = recipe["schedule"].build_module()
+        if self.schedule_module is not None:
+            self.schedule_module = self.schedule_module.to(self.device)
+            self.trainable = True
         self._data = None
         self._noise: Optional[Noise] = None
         self.step = 0
@@ -135,7 +140,14 @@ class Pipeline:
     # components by kind, for readability
     @property
     def schedule(self) -> Schedule:
-        return self.recipe["schedule"]
+        return self.schedule_module if self.schedule_module is not None else self.recipe["schedule"]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Everything the optimizer trains: the denoiser's and a learned schedule's parameters."""
+        params = list(self.model.parameters())
+        if self.schedule_module is not None:
+            params += list(self.schedule_module.parameters())
+        return params
 
     @property
     def chain(self) -> Chain:
@@ -171,6 +183,13 @@ class Pipeline:
 
     def loss(self, step: int, batch_size: int) -> torch.Tensor:
         """The weighted denoising loss of optimizer step ``step`` (a deterministic batch)."""
+        return self.per_example_losses(step, batch_size).mean()
+
+    def per_example_losses(self, step: int, batch_size: int, *, variance_gradient: bool = True) -> torch.Tensor:
+        """The (B,) weighted per-example losses of step ``step``.
+
+        With a learned schedule and ``variance_gradient``, gradients reaching the schedule's
+        parameters are those of mean(L^2) rather than mean(L) (see below)."""
         recipe, seed = self.recipe, self.recipe.train.seed
         data = self.data
         positions = torch.arange(batch_size)
@@ -178,7 +197,8 @@ class Pipeline:
         x0 = data.x[index].to(self.device)
         cond = data.labels[index].to(self.device) if self.uses_labels and data.labels is not None else None
         u_level = rng.uniform(seed, rng.STREAM_TRAIN_LEVEL, step, positions)
-        logsnr = recipe["weighting"].sample_logsnr(u_level, self.schedule).to(torch.float64)
+        logsnr, log_extra = recipe["weighting"].draw(u_level.to(self.device), self.schedule)
+        logsnr = logsnr.to(torch.float64)
         alpha, sigma = self.chain.alpha_sigma(logsnr)
         stream = rng.NoiseStream(
             seed, positions, self.spec.shape, stream=rng.STREAM_TRAIN_NOISE, device=self.device, dtype=x0.dtype
@@ -194,9 +214,19 @@ class Pipeline:
         target = param.target(x0, eps, x_t, a, s)
         # weight of the target-space MSE = w(lambda) in x0 units / (target-MSE per x0-MSE)
         log_w = recipe["weighting"].log_x0_weight(logsnr, alpha, sigma) - param.log_x0_mse_factor(alpha, sigma)
+        if log_extra is not None:
+            log_w = log_w + log_extra.to(torch.float64)
         weight = torch.exp(log_w).to(self.device, x0.dtype)
-        per_example = ((out - target) ** 2).flatten(1).mean(1)
-        return (weight * per_example).mean()
+        per_example = weight * ((out - target) ** 2).flatten(1).mean(1)
+        if variance_gradient and self.schedule_module is not None and torch.is_grad_enabled():
+            # A learned schedule minimises the variance of the loss estimate (VDM sec. 5.2):
+            # its parameters reach the loss only through the per-example lambda_i (and the
+            # rate term), so scaling those gradients by 2 L_i turns d mean(L) into d mean(L^2).
+            scale = 2.0 * per_example.detach().to(torch.float64)
+            for tensor in (logsnr, log_extra):
+                if tensor is not None and tensor.requires_grad:
+                    tensor.register_hook(lambda grad, scale=scale: grad * scale.to(grad.dtype))
+        return per_example
 
     # ---------------------------------------------------------------- sampling
 
@@ -277,6 +307,8 @@ class Pipeline:
 
     def state_tensors(self, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, torch.Tensor]:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.schedule_module is not None:
+            tensors.update({f"schedule.{k}": v for k, v in self.schedule_module.state_dict().items()})
         if self.ema_model is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema_model.state_dict().items()})
         if optimizer is not None:
@@ -291,6 +323,8 @@ class Pipeline:
 
         try:
             self.model.load_state_dict(part("model."))
+            if self.schedule_module is not None:
+                self.schedule_module.load_state_dict(part("schedule."))
             if self.ema_model is not None:
                 ema = part("ema.")
                 self.ema_model.load_state_dict(ema if ema else part("model."))
@@ -341,7 +375,7 @@ def _recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def _make_optimizer(pipeline: Pipeline) -> torch.optim.Optimizer:
     options = pipeline.recipe.train
     return torch.optim.AdamW(
-        pipeline.model.parameters(), lr=options.lr, betas=options.betas, weight_decay=options.weight_decay
+        pipeline.parameters(), lr=options.lr, betas=options.betas, weight_decay=options.weight_decay
     )
 
 
@@ -456,9 +490,9 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if options.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(pipeline.model.parameters(), options.grad_clip))
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(pipeline.parameters(), options.grad_clip))
                 else:
-                    grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in pipeline.model.parameters() if p.grad is not None])))
+                    grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in pipeline.parameters() if p.grad is not None])))
                 optimizer.step()
                 if pipeline.ema_model is not None:
                     with torch.no_grad():

@@ -29,8 +29,10 @@ def sinusoidal_embedding(logsnr: torch.Tensor, dim: int, max_period: float) -> t
     """[cos(lambda w_k), sin(lambda w_k)] with w_k geometric from 1 down to 1 / max_period
     (lambda clamped to +-LOGSNR_CLAMP first, so that infinite levels embed as finite ones)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=logsnr.device, dtype=torch.float32) / half)
-    angles = logsnr.float().clamp(-LOGSNR_CLAMP, LOGSNR_CLAMP)[:, None] * freqs[None, :]
+    # at least float32 (half-precision angles lose the fine frequencies); float64 stays float64
+    dtype = torch.promote_types(logsnr.dtype, torch.float32)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=logsnr.device, dtype=dtype) / half)
+    angles = logsnr.to(dtype).clamp(-LOGSNR_CLAMP, LOGSNR_CLAMP)[:, None] * freqs[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
