@@ -18,6 +18,7 @@ Every registry owns a fresh ``pluggy.PluginManager``; there is no module-level s
 from __future__ import annotations
 
 import importlib.metadata as importlib_metadata
+import inspect
 import os
 import re
 import traceback
@@ -155,7 +156,13 @@ class Registry:
         if entry_points is None:
             entry_points = importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)
         seen: set[tuple[Optional[str], str]] = set()
-        for ep in entry_points:
+
+        def order(ep: importlib_metadata.EntryPoint) -> tuple[str, str]:
+            dist = getattr(ep, "dist", None)
+            return (dist.metadata["Name"] if dist is not None else "", ep.name)
+
+        # a stable order: listings and collision messages read the same on every machine
+        for ep in sorted(entry_points, key=order):
             dist = getattr(ep, "dist", None)
             dist_name = dist.metadata["Name"] if dist is not None else None
             version = dist.version if dist is not None else None
@@ -194,10 +201,15 @@ class Registry:
         pm = self.plugin_manager
         try:
             pm.register(obj, name=info.qualified)
-            unknown = [hc.name for hc in (pm.get_hookcallers(obj) or []) if not hc.has_spec()]
+            callers = pm.get_hookcallers(obj) or []
+            unknown = [hc.name for hc in callers if not hc.has_spec()]
             if unknown:
                 known = ", ".join(hookspecs.HOOK_KINDS)
                 raise PluginError(f"implements unknown hook(s) {', '.join(unknown)}; known hooks: {known}")
+            for caller in callers:
+                for impl in caller.get_hookimpls():
+                    if impl.plugin is obj and "register" not in impl.argnames:
+                        raise PluginError(f"hook {caller.name} must take the 'register' argument")
         except Exception as exc:  # noqa: BLE001
             info.error = f'Error registering plugin "{info.name}": {exc}'
             if pm.is_registered(obj):
@@ -233,6 +245,9 @@ class Registry:
             # fundiff.Sampler), whose own annotated fields would silently not be parameters
             if not attrs.has(component_class) or "__attrs_attrs__" not in vars(component_class):
                 raise PluginError(f"{kind} '{name}' must be an attrs class (decorate it with @attrs.frozen)")
+            if inspect.isabstract(component_class):
+                missing = ", ".join(sorted(component_class.__abstractmethods__))
+                raise PluginError(f"{kind} '{name}' does not implement {missing}")
             if any(e.kind == kind and e.name == name for e in added):
                 raise PluginError(f"{kind} '{name}' is registered twice by the same plugin")
             added.append(ComponentEntry(kind, name, component_class, info.name, info.distribution, info.version))
@@ -293,6 +308,9 @@ class Registry:
                 f"no {kind} '{base}' from '{qualifier}'; it is registered by "
                 + "; ".join(e.origin for e in table[base])
             )
+        disabled = [p for p in self.plugins if p.disabled]
+        if disabled:
+            message += ". Disabled plugins (enable them to use their components): " + ", ".join(p.qualified for p in disabled)
         if self.broken:
             message += ". Broken plugins that may have provided it: " + "; ".join(
                 f"{p.qualified} ({p.error})" for p in self.broken
