@@ -38,7 +38,9 @@ def test_out_of_range_value_names_path_and_bound(registry):
 
 def test_unknown_component_suggests_near_match(registry):
     message = problems(oracle_recipe(schedule="cosin"), registry)["schedule.name"]
-    assert "unknown schedule 'cosin'" in message and "did you mean 'cosine'?" in message and "known: cosine, linear" in message
+    assert "unknown schedule 'cosin'" in message and "did you mean 'cosine'?" in message
+    known = message.split("known: ")[1].split(", ")
+    assert known == registry.names("schedule")
 
 
 def test_unknown_parameter_and_section_suggest_near_matches(registry):
@@ -68,7 +70,9 @@ def test_yaml_1_1_exponent_strings_are_accepted_as_numbers(registry):
 def test_missing_section_lists_the_choices(registry):
     recipe = oracle_recipe()
     del recipe["sampler"]
-    assert "missing section; add 'sampler: {name: ...}' with one of: ddim, ddpm" in problems(recipe, registry)["sampler"]
+    choices = ", ".join(registry.names("sampler"))
+    assert problems(recipe, registry)["sampler"] == f"missing section; add 'sampler: {{name: ...}}' with one of: {choices}"
+    assert "ddim" in choices and "ddpm" in choices
 
 
 def test_incompatible_combination_names_requirement_and_providers(registry):
