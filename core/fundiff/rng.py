@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 STREAM_PRIOR = 1  # the initial state of a sampler
@@ -38,38 +39,39 @@ _PHILOX_W0 = 0x9E3779B9
 _PHILOX_W1 = 0xBB67AE85
 
 
-def _mul_hi_lo(a: torch.Tensor, constant: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """32x32 -> 64-bit product of uint32 values held in int64, split into (hi, lo).
+def _philox_rounds(c0, c1, c2, c3, k0: int, k1: int):
+    """Philox4x32-10 on numpy uint64 arrays holding uint32 values.
 
-    Done with 16-bit limbs so no intermediate overflows int64.
+    numpy on the host: a 32x32-bit product fits uint64 exactly, so each round is a handful
+    of whole-array operations (far fewer, and cheaper per call, than torch for the small
+    arrays of a sampling loop).
     """
-    a_lo = a & 0xFFFF
-    a_hi = a >> 16
-    b_lo = constant & 0xFFFF
-    b_hi = constant >> 16
-    mid = a_hi * b_lo + a_lo * b_hi  # < 2^33
-    low = a_lo * b_lo + ((mid & 0xFFFF) << 16)  # < 2^33
-    lo = low & _MASK32
-    hi = a_hi * b_hi + (mid >> 16) + (low >> 32)
-    return hi & _MASK32, lo
-
-
-def philox4x32(
-    c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int, k1: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Philox4x32 with 10 rounds on int64 tensors holding uint32 values."""
+    m0, m1 = np.uint64(_PHILOX_M0), np.uint64(_PHILOX_M1)
+    mask, shift = np.uint64(_MASK32), np.uint64(32)
     for _ in range(10):
-        hi0, lo0 = _mul_hi_lo(c0, _PHILOX_M0)
-        hi1, lo1 = _mul_hi_lo(c2, _PHILOX_M1)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        p0 = c0 * m0
+        p1 = c2 * m1
+        c0, c1, c2, c3 = (p1 >> shift) ^ c1 ^ np.uint64(k0), p1 & mask, (p0 >> shift) ^ c3 ^ np.uint64(k1), p0 & mask
         k0 = (k0 + _PHILOX_W0) & _MASK32
         k1 = (k1 + _PHILOX_W1) & _MASK32
     return c0, c1, c2, c3
 
 
-def _uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
-    """uint32 -> float64 uniform on the open interval (0, 1)."""
-    return (bits.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 with 10 rounds; counters are integer tensors (or arrays) of uint32 values.
+
+    Returns four int64 tensors of uint32 values.
+    """
+    words = [np.asarray(c.numpy() if isinstance(c, torch.Tensor) else c).astype(np.uint64) for c in (c0, c1, c2, c3)]
+    out = _philox_rounds(*words, int(k0), int(k1))
+    return tuple(torch.from_numpy(w.astype(np.int64)) for w in out)  # type: ignore[return-value]
+
+
+def _uniform_from_bits(bits):
+    """uint32 -> float64 uniform on the open interval (0, 1) (tensor in, tensor out; array in, array out)."""
+    if isinstance(bits, torch.Tensor):
+        return (bits.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
+    return (bits.astype(np.float64) + 0.5) * (1.0 / 4294967296.0)
 
 
 def _check_seed(seed: int) -> int:
@@ -95,14 +97,14 @@ def _raw_bits(seed: int, stream: int, draw: int, sample_ids: torch.Tensor, n_per
         )
     blocks = max(1, math.ceil(n_per_sample / 4))
     batch = sample_ids.numel()
-    block_idx = torch.arange(blocks, dtype=torch.int64).expand(batch, blocks)
-    ids = sample_ids.to(torch.int64).reshape(batch, 1).expand(batch, blocks)
-    c0 = block_idx
-    c1 = torch.full_like(c0, draw & _MASK32)
-    c2 = ids & _MASK32
-    c3 = torch.full_like(c0, ((stream & 0xFFFF) << 16) ^ ((draw >> 32) & 0xFFFF)) ^ (ids >> 32)
-    words = philox4x32(c0, c1, c2, c3, seed & _MASK32, (seed >> 32) & _MASK32)
-    return torch.stack(words, dim=-1).reshape(batch, blocks * 4)
+    ids = sample_ids.numpy().astype(np.uint64).reshape(batch, 1)
+    c0 = np.broadcast_to(np.arange(blocks, dtype=np.uint64), (batch, blocks))
+    c1 = np.uint64(draw & _MASK32)
+    c2 = ids & np.uint64(_MASK32)
+    c3 = np.uint64(((stream & 0xFFFF) << 16) ^ ((draw >> 32) & 0xFFFF)) ^ (ids >> np.uint64(32))
+    words = _philox_rounds(c0, c1, c2, c3, seed & _MASK32, (seed >> 32) & _MASK32)
+    words = np.broadcast_arrays(*words)
+    return np.stack(words, axis=-1).reshape(batch, blocks * 4)
 
 
 def uniform(
@@ -113,7 +115,7 @@ def uniform(
     sample_ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1)
     n = math.prod(shape)
     bits = _raw_bits(seed, stream, draw, sample_ids, n)[:, :n]
-    return _uniform_from_bits(bits).reshape(sample_ids.numel(), *shape)
+    return torch.from_numpy(_uniform_from_bits(bits).reshape(sample_ids.numel(), *shape))
 
 
 def normal(
@@ -130,12 +132,10 @@ def normal(
     pairs = max(1, math.ceil(n / 2))
     u = _uniform_from_bits(_raw_bits(seed, stream, draw, sample_ids, 2 * pairs)[:, : 2 * pairs])
     u1, u2 = u[:, 0::2], u[:, 1::2]
-    radius = torch.sqrt(-2.0 * torch.log(u1))
+    radius = np.sqrt(-2.0 * np.log(u1))
     angle = (2.0 * math.pi) * u2
-    z = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1).reshape(
-        sample_ids.numel(), 2 * pairs
-    )
-    return z[:, :n].reshape(sample_ids.numel(), *shape)
+    z = np.stack((radius * np.cos(angle), radius * np.sin(angle)), axis=-1).reshape(sample_ids.numel(), 2 * pairs)
+    return torch.from_numpy(np.ascontiguousarray(z[:, :n]).reshape(sample_ids.numel(), *shape))
 
 
 class NoiseStream:
