@@ -36,6 +36,7 @@ BUILTINS = {
     "weighting": {"eps-mse"},
     "guidance": {"none"},
     "sampler": {"ddpm", "ddim"},
+    "spacing": {"uniform"},
 }
 
 #: environment with none of the FUNDIFF_* switches set

@@ -25,6 +25,7 @@ from .components import (
     Parameterization,
     Sampler,
     Schedule,
+    Spacing,
     Weighting,
 )
 from .errors import FundiffError, PluginError, RecipeError
@@ -72,6 +73,7 @@ __all__ = [
     "SampleConfig",
     "Sampler",
     "Schedule",
+    "Spacing",
     "TrainConfig",
     "Weighting",
     "hookimpl",

@@ -141,7 +141,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.resolved:
         print(recipe.to_yaml(), end="")
     else:
-        summary = ", ".join(f"{kind}={recipe.names[kind]}" for kind in KINDS)
+        summary = ", ".join(f"{kind}={recipe.names[kind]}" for kind in KINDS if kind in recipe.components)
         print(f"{args.recipe}: ok ({summary})")
     return 0
 
@@ -195,6 +195,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         ("sample.label", args.label),
         ("sample.format", args.format),
         ("guidance.name", args.guidance),
+        ("spacing.name", args.spacing),
     ):
         if value is not None:
             overrides[key] = value
@@ -291,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="sampler name (default: the recipe's)")
     p.add_argument("--steps", type=int, help="sampler steps")
     p.add_argument("--guidance", help="guidance name")
+    p.add_argument("--spacing", help="step selection name (default: the recipe's, or t evenly spaced)")
     p.add_argument("--seed", type=int, help="seed of the per-sample noise")
     p.add_argument("-n", "--num-samples", type=int, help="how many samples")
     p.add_argument("--batch-size", type=int, help="samples per batch (does not change the samples)")

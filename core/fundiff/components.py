@@ -423,6 +423,21 @@ class Sampler(Component):
     ) -> torch.Tensor: ...
 
 
+class Spacing(Component):
+    """Step selection: which noise levels a sampler visits (survey sec. 5.2.3).
+
+    ``levels(schedule, chain, steps)`` returns ``steps + 1`` host-side :class:`Level`
+    objects, strictly decreasing in noise, the last one clean (sigma = 0) unless the
+    spacing deliberately stops early. Without a ``spacing`` section a recipe samples at
+    t evenly spaced in [0, 1] (``fundiff.noise_levels``).
+    """
+
+    kind = "spacing"
+
+    @abc.abstractmethod
+    def levels(self, schedule: Schedule, chain: Chain, steps: int) -> list[Level]: ...
+
+
 KIND_BASES: dict[str, type[Component]] = {
     "data": DataSet,
     "schedule": Schedule,
@@ -433,5 +448,8 @@ KIND_BASES: dict[str, type[Component]] = {
     "weighting": Weighting,
     "guidance": Guidance,
     "sampler": Sampler,
+    "spacing": Spacing,
 }
 KINDS: tuple[str, ...] = tuple(KIND_BASES)
+#: kinds a recipe may leave out; the core then uses its documented default behaviour
+OPTIONAL_KINDS: frozenset[str] = frozenset({"spacing"})

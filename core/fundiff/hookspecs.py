@@ -203,6 +203,24 @@ def fundiff_register_samplers(register: "Register") -> None:
     """
 
 
+@hookspec
+def fundiff_register_spacings(register: "Register") -> None:
+    """Register step selections: which noise levels samplers visit (survey sec. 5.2.3).
+
+    :param register: call ``register(name, cls)`` with ``cls`` a subclass of
+        :class:`fundiff.Spacing` implementing ``levels(schedule, chain, steps)``, which
+        returns ``steps + 1`` host-side ``Level`` objects from the noisiest to the clean one.
+        A recipe uses it through its optional ``spacing`` section; it applies to every
+        sampler.
+
+    Example::
+
+        @hookimpl
+        def fundiff_register_spacings(register):
+            register("karras", Karras)
+    """
+
+
 #: hook name -> component kind it registers
 HOOK_KINDS: dict[str, str] = {
     "fundiff_register_data": "data",
@@ -214,4 +232,5 @@ HOOK_KINDS: dict[str, str] = {
     "fundiff_register_weightings": "weighting",
     "fundiff_register_guidances": "guidance",
     "fundiff_register_samplers": "sampler",
+    "fundiff_register_spacings": "spacing",
 }

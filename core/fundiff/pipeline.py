@@ -231,8 +231,13 @@ class Pipeline:
     # ---------------------------------------------------------------- sampling
 
     def levels(self, steps: Optional[int] = None, sampler: Optional[Sampler] = None) -> list[Level]:
+        """The host-side grid of noise levels: the recipe's spacing, or t evenly spaced."""
         sampler = sampler or self.sampler
-        return noise_levels(self.schedule, self.chain, steps or sampler.steps)
+        spacing = self.recipe.get("spacing")
+        steps = steps or sampler.steps
+        if spacing is None:
+            return noise_levels(self.schedule, self.chain, steps)
+        return spacing.levels(self.schedule, self.chain, steps)
 
     def sampling_model(self, use_ema: bool = True) -> torch.nn.Module:
         return self.ema_model if use_ema and self.ema_model is not None else self.model
@@ -353,7 +358,7 @@ def recipe_hash(recipe: Recipe) -> str:
     for dotted in _RESUMABLE_CHANGES:
         section, key = dotted.split(".")
         resolved[section].pop(key, None)
-    for section in ("sample", "sampler", "guidance"):  # sampling settings may change later
+    for section in ("sample", "sampler", "guidance", "spacing"):  # sampling settings may change later
         resolved.pop(section, None)
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
 
@@ -545,10 +550,12 @@ def load_run(
         raise FundiffError(f"{run_dir} is not a fundiff run (no {RECIPE_FILE}); pass the --run-dir given to fundiff train")
     stored = read_recipe_file(recipe_path)
     if overrides:
-        allowed = ("sampler.", "sample.", "guidance.")
+        allowed = ("sampler.", "sample.", "guidance.", "spacing.")
         for key in overrides:
             if not key.startswith(allowed):
-                raise FundiffError(f"cannot override {key} when sampling a trained run; only sampler.*, guidance.* and sample.* may change")
+                raise FundiffError(
+                    f"cannot override {key} when sampling a trained run; only sampler.*, spacing.*, guidance.* and sample.* may change"
+                )
     recipe = load_recipe(stored, registry, overrides=overrides)
     pipeline = Pipeline(recipe, device=device or recipe.sample.device)
     tensors, metadata = load_checkpoint(os.path.join(run_dir, CHECKPOINT_FILE))

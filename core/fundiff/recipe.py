@@ -31,7 +31,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 import attrs
 import yaml
 
-from .components import KINDS, Component
+from .components import KINDS, OPTIONAL_KINDS, Component
 from .config import at_least, doc, in_range, structure, unstructure
 from .errors import FundiffError, RecipeError, suggest
 from .registry import ComponentEntry, Registry
@@ -92,11 +92,16 @@ class Recipe:
     def __getitem__(self, kind: str) -> Component:
         return self.components[kind]
 
+    def get(self, kind: str) -> Optional[Component]:
+        """The component of a kind, or None for an optional kind the recipe leaves out."""
+        return self.components.get(kind)
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe: every section with every parameter, defaults filled in."""
         out: dict[str, Any] = {}
         for kind in KINDS:
-            out[kind] = {"name": self.names[kind], **unstructure(self.components[kind], self.names, kind)}
+            if kind in self.components:
+                out[kind] = {"name": self.names[kind], **unstructure(self.components[kind], self.names, kind)}
         out["train"] = unstructure(self.train)
         out["sample"] = unstructure(self.sample)
         return out
@@ -198,6 +203,8 @@ def _validate(data: dict[str, Any], registry: Registry, source: Optional[str]) -
     names: dict[str, str] = {}
     for kind in KINDS:
         section = data.get(kind)
+        if section is None and kind in OPTIONAL_KINDS:
+            continue
         if section is None:
             known = ", ".join(registry.names(kind)) or "(none installed)"
             problems.append((kind, f"missing section; add '{kind}: {{name: ...}}' with one of: {known}"))
