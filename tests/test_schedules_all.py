@@ -503,12 +503,6 @@ def test_samplers_start_at_alpha_zero_with_the_oracle(registry, sampler):
     assert (share > 0.06).all() and (share < 0.19).all(), share
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: config.unstructure drops the name of a nested component left at its default "
-    "(names[path] is only recorded for sections written in the recipe), so a resolved recipe "
-    "with a defaulted `base` does not load again",
-)
 def test_resolved_recipe_with_default_base_round_trips(registry):
     """A recipe that leaves `shifted`'s base at its default (cosine) resolves to a dict that
     loads again to the same schedule (run directories store the resolved recipe)."""

@@ -92,7 +92,7 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(args[0])}" if args else "list"
     if tp is type(None):
         return "null"
-    if isinstance(tp, type) and getattr(tp, "kind", "") and hasattr(tp, "requires"):
+    if _is_component_type(tp):
         return f"{tp.kind} section"
     return getattr(tp, "__name__", str(tp))
 
@@ -102,7 +102,7 @@ def _convert(value: Any, tp: Any, path: str, problems: list[tuple[str, str]], co
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
-    if isinstance(tp, type) and getattr(tp, "kind", "") and hasattr(tp, "requires"):
+    if _is_component_type(tp):
         return _convert_component(value, tp, path, problems, context)
     if origin is Union:
         args = typing.get_args(tp)
@@ -276,9 +276,24 @@ def structure(
     if problems:
         raise RecipeError(problems)
     try:
-        return cls(**kwargs)
+        instance = cls(**kwargs)
     except (ValueError, TypeError) as exc:
         raise RecipeError([(path, str(exc))]) from None
+    if names is not None and registry is not None:
+        # nested components left at their defaults: record their names too, so the
+        # resolved recipe names every component and loads again
+        for key, field in fields.items():
+            if key in data or not _is_component_type(field.type):
+                continue
+            value = getattr(instance, field.name)
+            name = registry.name_of(field.type.kind, type(value)) if value is not None else None
+            if name is not None:
+                names[f"{prefix}{key}"] = name
+    return instance
+
+
+def _is_component_type(tp: Any) -> bool:
+    return isinstance(tp, type) and bool(getattr(tp, "kind", "")) and hasattr(tp, "requires")
 
 
 def _describe(cls: type, path: str) -> str:

@@ -317,6 +317,14 @@ class Registry:
             )
         raise FundiffError(message)
 
+    def name_of(self, kind: str, cls: type) -> Optional[str]:
+        """The name a class is registered under (qualified when the name is ambiguous)."""
+        for entries in self._table.get(kind, {}).values():
+            for entry in entries:
+                if entry.cls is cls:
+                    return entry.name if len(entries) == 1 else f"{entry.distribution or entry.plugin}:{entry.name}"
+        return None
+
     def build(self, kind: str, name: str, **params: Any) -> Component:
         """Instantiate a component by name with keyword parameters (validated)."""
         from .config import structure  # local import: config imports registry types

@@ -266,6 +266,11 @@ def check_schedule(schedule: Schedule, *, num_points: int = 1001) -> None:
     lam = _is_tensor(schedule.logsnr(t), schedule, "logsnr")
     if lam.dtype != torch.float64 or lam.shape != t.shape:
         _fail(schedule, f"logsnr(t) must keep float64 and the shape {tuple(t.shape)}, got {lam.dtype} {tuple(lam.shape)}")
+    # Zero terminal SNR (Lin et al. 2024): lambda(1) = -inf exactly is allowed; everything
+    # else must be finite, and the checks below run on [t_min, 1).
+    zero_terminal_snr = bool(lam[-1] == -math.inf)
+    if zero_terminal_snr:
+        t, lam = t[:-1], lam[:-1]
     bad = ~torch.isfinite(lam)
     if bad.any():
         i = int(torch.nonzero(bad)[0])
@@ -281,6 +286,8 @@ def check_schedule(schedule: Schedule, *, num_points: int = 1001) -> None:
     for ti in (t_min, 0.5 * (t_min + 1.0), 1.0):
         host = schedule.logsnr_at(ti)
         ref = float(schedule.logsnr(torch.tensor(ti, dtype=torch.float64)))
+        if host == ref:  # also covers lambda(1) = -inf
+            continue
         if not isinstance(host, float) or abs(host - ref) > r * U * (1 + abs(ref)):
             _fail(schedule, f"logsnr_at({ti}) = {host!r} disagrees with logsnr(tensor) = {ref!r}")
 
@@ -303,8 +310,11 @@ def check_schedule(schedule: Schedule, *, num_points: int = 1001) -> None:
         betas = _is_tensor(schedule.betas(), schedule, "betas")
         if betas.dtype != torch.float64 or betas.shape != (steps,):
             _fail(schedule, f"betas() must be float64 of shape ({steps},), got {betas.dtype} {tuple(betas.shape)}")
-        if not ((betas > 0) & (betas < 1)).all():
-            _fail(schedule, f"every beta must be in (0, 1); got min {betas.min().item()}, max {betas.max().item()}")
+        below_one = betas < 1
+        if zero_terminal_snr:  # the last step destroys all signal: beta_T = 1 exactly
+            below_one[-1] = bool(betas[-1] == 1.0)
+        if not ((betas > 0) & below_one).all():
+            _fail(schedule, f"every beta must be in (0, 1) (beta_T = 1 only for zero terminal SNR); got min {betas.min().item()}, max {betas.max().item()}")
         ac = schedule.alphas_cumprod()
         ref = torch.cumprod(1.0 - betas, 0)
         tol = r * U * steps * ref + _TINY
@@ -526,6 +536,8 @@ def check_weighting(
     again = weighting.sample_logsnr(u.clone(), schedule)
     if not torch.equal(lam, again):
         _fail(weighting, "sample_logsnr is not a function of u (two calls with the same u differ)")
+    if lo == -math.inf:  # zero terminal SNR: span the range the weighting actually draws
+        lo = float(lam.min())
     grid = torch.linspace(lo, hi, 257, dtype=torch.float64)
     for what, values in (("sampled logsnr", lam), ("a grid over the schedule's range", grid)):
         alpha, sigma = chain.alpha_sigma(values)
