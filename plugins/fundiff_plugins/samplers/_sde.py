@@ -1,0 +1,87 @@
+"""Shared pieces of the stochastic samplers (not a design: no entry point, nothing registered).
+
+``noise_field()`` is the ``noise`` parameter of the SDE samplers: ``fresh`` draws each step's
+noise from the recipe's noise type (``noise.sample(draw)``, per-sample streams), ``brownian``
+takes normalised increments of a per-sample Brownian tree (:mod:`fundiff.brownian`), so that
+grids of different sizes follow the same Brownian path. A tree is Gaussian, so
+``brownian_needs_gaussian`` refuses it with a noise type that is not i.i.d. Gaussian.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+from fundiff import Level, noiselevel
+from fundiff.components import GAUSSIAN_NOISE
+from fundiff.config import doc, one_of
+
+
+def noise_field():
+    return attrs.field(
+        default="fresh",
+        validator=one_of("fresh", "brownian"),
+        metadata=doc("per-step noise: fresh draws of the recipe's noise type, or brownian (one Brownian-tree path per sample, Gaussian)"),
+    )
+
+
+def brownian_needs_gaussian(sampler, components) -> list[str]:
+    noise = components.get("noise")
+    if sampler.noise == "brownian" and noise is not None and GAUSSIAN_NOISE not in type(noise).provides:
+        return [
+            f"sampler noise 'brownian' draws Gaussian Brownian increments, but the recipe's noise type "
+            f"{type(noise).__name__} does not provide '{GAUSSIAN_NOISE}'; use noise: fresh, or a Gaussian noise type"
+        ]
+    return []
+
+
+#: |alpha^2 + sigma^2 - 1| below this at both neighbours: a variance-preserving chain
+_VP_TOL = 1e-9
+
+
+def inner_level(t: Level, s: Level, logsnr: float) -> Level:
+    """A level at ``logsnr`` between the grid's levels t and s, on their chain.
+
+    A sampler sees levels, not the chain, so the chain is recognised from the neighbours:
+    alpha^2 + sigma^2 = 1 at both (VP: alpha^2 = sigmoid(logSNR)) or alpha = 1 at both (VE)
+    are extended exactly; otherwise log alpha is interpolated linearly in logSNR. In every
+    case alpha / sigma = exp(logSNR / 2) exactly, so a denoiser that uses the level's alpha
+    and sigma (the exact oracle) is exact on any chain.
+    """
+    if abs(t.alpha**2 + t.sigma**2 - 1.0) <= _VP_TOL and abs(s.alpha**2 + s.sigma**2 - 1.0) <= _VP_TOL:
+        alpha, sigma = noiselevel.vp_alpha_sigma(float(logsnr))
+        return Level(float(logsnr), alpha, sigma)
+    if t.alpha == 1.0 and s.alpha == 1.0:
+        return Level(float(logsnr), 1.0, math.exp(-0.5 * logsnr))
+    if not (math.isfinite(t.logsnr) and math.isfinite(s.logsnr) and t.alpha > 0.0 and s.alpha > 0.0):
+        raise ValueError("an inner level needs two noisy neighbours with alpha > 0")
+    w = (logsnr - t.logsnr) / (s.logsnr - t.logsnr)
+    alpha = math.exp((1.0 - w) * math.log(t.alpha) + w * math.log(s.alpha))
+    return Level(float(logsnr), alpha, alpha * math.exp(-0.5 * logsnr))
+
+
+def phi2(x: float) -> float:
+    """1 - (1 - e^-x) / x = x/2! - x^2/3! + ... (k-diffusion's ``phi_2`` of the (2M, 3M) SDE
+    samplers, argument h_eta = (1 + eta) h); the series below |x| < 1 avoids the cancellation."""
+    if abs(x) < 1.0:
+        return _alternating_series(x, 2)
+    return 1.0 + math.expm1(-x) / x
+
+
+def phi3(x: float) -> float:
+    """phi2(x) / x - 1/2 = -x/3! + x^2/4! - ... (k-diffusion's ``phi_3``)."""
+    if abs(x) < 1.0:
+        return -_alternating_series(x, 3)
+    return phi2(x) / x - 0.5
+
+
+def _alternating_series(x: float, start: int) -> float:
+    """sum_{j >= 1} (-1)^(j + 1) x^j / (j + start - 1)!"""
+    total, term, j = 0.0, x / math.factorial(start), 1
+    while True:
+        total += term
+        j += 1
+        term *= -x / (j + start - 1)
+        if abs(term) <= 1e-17 * abs(total) or term == 0.0:
+            return total
