@@ -181,6 +181,67 @@ def _write_samples(path: str, samples, labels, fmt: str, metadata: dict[str, str
         atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
+def _sample_in_parts(pipeline, stem: str, *, quiet: bool):
+    """Sample batch by batch, writing each batch to ``STEM.parts/`` as it completes.
+
+    A killed run resumes where it stopped: finished parts are read back (sample i depends only
+    on the seed and i, so nothing is drawn twice or skipped); parts written under other
+    settings are discarded. The folder is removed once the whole file is written.
+    """
+    import shutil
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save
+    from tqdm import tqdm
+
+    from .checkpoint import atomic_write_bytes, atomic_write_text
+    from .pipeline import recipe_hash
+
+    options = pipeline.recipe.sample
+    parts = stem + ".parts"
+    settings = json.dumps(
+        {
+            "model": recipe_hash(pipeline.recipe),
+            "sampler": pipeline.recipe.to_dict()["sampler"],
+            "spacing": pipeline.recipe.to_dict().get("spacing"),
+            "guidance": pipeline.recipe.to_dict()["guidance"],
+            "sample": {k: v for k, v in pipeline.recipe.to_dict()["sample"].items() if k not in ("num_samples", "format")},
+            "step": pipeline.step,
+        },
+        sort_keys=True,
+    )
+    manifest = os.path.join(parts, "settings.json")
+    if os.path.isdir(parts) and (not os.path.exists(manifest) or open(manifest, encoding="utf-8").read() != settings):
+        shutil.rmtree(parts)  # parts of a different sampling run: not ours to reuse
+    os.makedirs(parts, exist_ok=True)
+    atomic_write_text(manifest, settings)
+    chunks, label_chunks = [], []
+    with tqdm(total=options.num_samples, disable=quiet, desc="sample", unit="sample", dynamic_ncols=True) as bar:
+        for begin in range(0, options.num_samples, options.batch_size):
+            count = min(options.batch_size, options.num_samples - begin)
+            path = os.path.join(parts, f"{begin:012d}-{count}.safetensors")
+            tensors = None
+            if os.path.exists(path):
+                try:
+                    tensors = load_file(path)
+                except (SafetensorError, OSError):
+                    tensors = None  # a part torn by a crash is drawn again
+            if tensors is None:
+                samples, labels = pipeline.sample(count, start=begin, batch_size=count)
+                tensors = {"samples": samples.contiguous()}
+                if labels is not None:
+                    tensors["labels"] = labels.contiguous()
+                atomic_write_bytes(path, save(tensors))
+            chunks.append(tensors["samples"])
+            if "labels" in tensors:
+                label_chunks.append(tensors["labels"])
+            bar.update(count)
+    import torch
+
+    result = torch.cat(chunks), (torch.cat(label_chunks) if label_chunks else None)
+    return result, parts
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from .pipeline import load_run
     from .plotting import save_picture
@@ -205,14 +266,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     stem = args.out or os.path.join(
         args.run_dir, "samples", f"{sampler_name.replace(':', '-')}-{pipeline.sampler.steps}steps-seed{options.seed}"
     )
-    from tqdm import tqdm
-
-    with tqdm(total=options.num_samples, disable=args.quiet, desc="sample", unit="sample", dynamic_ncols=True) as bar:
-        samples, labels = pipeline.sample(progress=bar.update)
+    (samples, labels), parts = _sample_in_parts(pipeline, stem, quiet=args.quiet)
     extension = ".npz" if options.format == "npz" else ".safetensors"
     tensor_path = stem + extension
     metadata = {"run": os.path.abspath(args.run_dir), "sampler": sampler_name, "steps": str(pipeline.sampler.steps), "seed": str(options.seed)}
     _write_samples(tensor_path, samples, labels, options.format, metadata)
+    import shutil
+
+    shutil.rmtree(parts, ignore_errors=True)
     print(tensor_path)
     if not args.no_plot:
         reference = pipeline.data.x[:4000] if pipeline.spec.modality == "points" else None

@@ -64,6 +64,17 @@ def noise_levels(schedule: Schedule, chain: Chain, steps: int) -> list[Level]:
     return [chain.level(lam) for lam in logsnrs] + [chain.level(math.inf)]
 
 
+def _with_autocast(denoise: Denoise, device: torch.device, precision: str, dtype: torch.dtype) -> Denoise:
+    """Run the denoiser under autocast; the sampler's state and coefficients keep ``dtype``."""
+
+    def run(x: torch.Tensor, level: Level) -> torch.Tensor:
+        with autocast(device, precision):
+            x0 = denoise(x, level)
+        return x0.to(dtype)
+
+    return run
+
+
 def make_predict(model: torch.nn.Module, parameterization: Parameterization):
     """``predict(x, level, cond) -> x0`` from a network and its parameterization."""
 
@@ -87,6 +98,18 @@ def make_denoise(
         return guidance.denoise(predict, x, level, cond)
 
     return denoise
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for the denoiser: autocast to bf16 / fp16, or a no-op for fp32."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
 
 
 class ComponentNoise:
@@ -185,6 +208,12 @@ class Pipeline:
         """The weighted denoising loss of optimizer step ``step`` (a deterministic batch)."""
         return self.per_example_losses(step, batch_size).mean()
 
+    @torch.no_grad()
+    def training_logsnr(self, step: int, batch_size: int) -> torch.Tensor:
+        """The logSNRs of step ``step``'s batch (a pure function of seed and step): for reports."""
+        u = rng.uniform(self.recipe.train.seed, rng.STREAM_TRAIN_LEVEL, step, torch.arange(batch_size))
+        return self.recipe["weighting"].draw(u.to(self.device), self.schedule)[0].detach().to(torch.float64).cpu()
+
     def per_example_losses(self, step: int, batch_size: int, *, variance_gradient: bool = True) -> torch.Tensor:
         """The (B,) weighted per-example losses of step ``step``.
 
@@ -210,7 +239,9 @@ class Pipeline:
         if cond is not None:
             cond = self.guidance.training_condition(cond, rng.uniform(seed, rng.STREAM_TRAIN_COND, step, positions).to(self.device))
         param = self.parameterization
-        out = self.model(param.input_scale(a, s) * x_t, logsnr.to(self.device, x0.dtype), cond)
+        with autocast(self.device, recipe.train.precision):
+            out = self.model(param.input_scale(a, s) * x_t, logsnr.to(self.device, x0.dtype), cond)
+        out = out.to(x0.dtype)
         target = param.target(x0, eps, x_t, a, s)
         # weight of the target-space MSE = w(lambda) in x0 units / (target-MSE per x0-MSE)
         log_w = recipe["weighting"].log_x0_weight(logsnr, alpha, sigma) - param.log_x0_mse_factor(alpha, sigma)
@@ -284,6 +315,7 @@ class Pipeline:
         levels = self.levels(steps, sampler)
         model = self.sampling_model(use_ema)
         model.eval()
+        precision = options.precision
         outputs, label_outputs = [], []
         for begin in range(start, start + num_samples, batch_size):
             ids = torch.arange(begin, min(begin + batch_size, start + num_samples))
@@ -294,7 +326,19 @@ class Pipeline:
             noise = ComponentNoise(noise_type, stream)
             cond = self.labels_for(ids, seed, label)
             denoise = make_denoise(model, self.parameterization, self.guidance, cond)
-            x = sampler.sample(denoise, x, levels, noise)
+            if precision != "fp32":
+                denoise = _with_autocast(denoise, self.device, precision, dtype)
+            finite: list[torch.Tensor] = []  # one device flag per step: checked after the loop, no sync inside
+            x = sampler.sample(denoise, x, levels, noise, lambda i, x_i, x0_i: finite.append(torch.isfinite(x_i).all()))
+            if finite and not bool(torch.stack(finite).all()):
+                first = int(torch.nonzero(~torch.stack(finite))[0])
+                name = self.recipe.names.get("sampler", type(sampler).__name__) if sampler is self.sampler else type(sampler).__name__
+                at = levels[min(first, len(levels) - 1)]
+                raise FundiffError(
+                    f"sampler '{name}' produced NaN or Inf at step {first} (from logSNR {at.logsnr:.4g}, sigma {at.sigma:.4g}) "
+                    f"for samples {int(ids[0])}..{int(ids[-1])}; check the parameterization near this level "
+                    "(eps-prediction divides by alpha), the number of steps, or use sample.precision: fp32"
+                )
             outputs.append(x.cpu())
             if cond is not None:
                 label_outputs.append(cond.cpu())
@@ -403,6 +447,49 @@ def _save(pipeline: Pipeline, optimizer: Optional[torch.optim.Optimizer], run_di
     )
 
 
+def _checkpoint_step(run_dir: str) -> str:
+    try:
+        return load_checkpoint(os.path.join(run_dir, CHECKPOINT_FILE))[1].get("step", "?")
+    except FundiffError:
+        return "?"
+
+
+def _skipped_so_far(metrics_path: str) -> int:
+    """Batches skipped for non-finite values before this (resumed) process started."""
+    skipped = 0
+    if os.path.exists(metrics_path):
+        with open(metrics_path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    skipped = max(skipped, int(json.loads(line).get("skipped", 0)))
+                except (json.JSONDecodeError, ValueError, TypeError):
+                    break
+    return skipped
+
+
+def _levels_text(logsnr: torch.Tensor, chain: Chain) -> str:
+    values = sorted(set(round(float(v), 4) for v in logsnr[:5]))
+    sigmas = [round(float(chain.level(v).sigma), 4) if math.isfinite(v) else v for v in values]
+    return f"logSNR {values} (sigma {sigmas})"
+
+
+def _nonfinite_loss_report(pipeline: Pipeline, step: int, losses: torch.Tensor) -> str:
+    bad = ~torch.isfinite(losses.detach())
+    logsnr = pipeline.training_logsnr(step, losses.numel())[bad.cpu()]
+    names = pipeline.recipe.names
+    return (
+        f"training loss is not finite at step {step} in {int(bad.sum())} of {losses.numel()} examples, at "
+        f"{_levels_text(logsnr, pipeline.chain)}; components: weighting '{names['weighting']}', "
+        f"parameterization '{names['parameterization']}', denoiser '{names['denoiser']}', schedule '{names['schedule']}'"
+    )
+
+
+def _nonfinite_gradient_report(pipeline: Pipeline, step: int) -> str:
+    names = [n for n, p in pipeline.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    where = f"denoiser '{pipeline.recipe.names['denoiser']}' parameters {names[:3]}" if names else "the learned schedule's parameters"
+    return f"gradients are not finite at step {step} (the loss is finite) in {where}"
+
+
 def _truncate_metrics(path: str, step: int) -> None:
     """Drop metric lines logged after ``step`` (they belong to work the resume repeats)."""
     if not os.path.exists(path):
@@ -479,6 +566,7 @@ def train(
     bar = tqdm(total=options.steps, initial=pipeline.step, disable=quiet, desc="train", unit="step", dynamic_ncols=True)
     pipeline.model.train()
     running, count, started = 0.0, 0, time.perf_counter()
+    skipped = _skipped_so_far(metrics_path)
     try:
         with open(metrics_path, "a", encoding="utf-8") as metrics:
             while pipeline.step < options.steps:
@@ -486,18 +574,31 @@ def train(
                 lr = options.lr * min(1.0, (step + 1) / options.warmup) if options.warmup else options.lr
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss = pipeline.loss(step, options.batch_size)
-                if not torch.isfinite(loss):
-                    raise FundiffError(
-                        f"training loss is {loss.item()} at step {step}; lower train.lr, enable train.grad_clip, "
-                        "or check the weighting and parameterization (the last checkpoint is kept)"
-                    )
+                losses = pipeline.per_example_losses(step, options.batch_size)
+                loss = losses.mean()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if options.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(pipeline.parameters(), options.grad_clip))
+                problem = None
+                if not torch.isfinite(loss):
+                    problem = _nonfinite_loss_report(pipeline, step, losses)
                 else:
-                    grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in pipeline.parameters() if p.grad is not None])))
+                    loss.backward()
+                    grads = [p.grad for p in pipeline.parameters() if p.grad is not None]
+                    grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+                    if not math.isfinite(grad_norm):
+                        problem = _nonfinite_gradient_report(pipeline, step)
+                if problem is not None:
+                    if options.on_nonfinite == "stop":
+                        saved = f"the last checkpoint (step {_checkpoint_step(run_dir)}) is kept" if os.path.exists(checkpoint_path) else "no checkpoint was written yet"
+                        raise FundiffError(f"{problem}; {saved}. Lower train.lr, keep train.grad_clip on, or set train.on_nonfinite: skip")
+                    skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    pipeline.step = step + 1
+                    metrics.write(json.dumps({"step": pipeline.step, "skipped": skipped, "reason": problem}) + "\n")
+                    metrics.flush()
+                    bar.update(1)
+                    continue
+                if options.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(pipeline.parameters(), options.grad_clip)
                 optimizer.step()
                 if pipeline.ema_model is not None:
                     with torch.no_grad():
@@ -514,6 +615,7 @@ def train(
                         "loss": running / count,
                         "lr": lr,
                         "grad_norm": grad_norm,
+                        "skipped": skipped,
                         "seconds": round(time.perf_counter() - started, 3),
                     }
                     metrics.write(json.dumps(record) + "\n")

@@ -55,6 +55,13 @@ class TrainConfig:
     checkpoint_every: int = attrs.field(default=500, validator=at_least(1), metadata=doc("steps between checkpoints"))
     log_every: int = attrs.field(default=50, validator=at_least(1), metadata=doc("steps between metric lines"))
     device: str = attrs.field(default="cpu", metadata=doc("torch device to train on, e.g. 'cpu' or 'cuda'"))
+    precision: Literal["fp32", "bf16", "fp16"] = attrs.field(
+        default="fp32", metadata=doc("autocast precision of the denoiser (schedule math stays float64)")
+    )
+    on_nonfinite: Literal["stop", "skip"] = attrs.field(
+        default="stop",
+        metadata=doc("a NaN/Inf loss or gradient: stop (naming step, component and noise level) or skip the batch"),
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -72,6 +79,9 @@ class SampleConfig:
     )
     format: Literal["safetensors", "npz"] = attrs.field(default="safetensors", metadata=doc("file format of the samples"))
     device: str = attrs.field(default="cpu", metadata=doc("torch device to sample on"))
+    precision: Literal["fp32", "bf16", "fp16"] = attrs.field(
+        default="fp32", metadata=doc("autocast precision of the denoiser while sampling (the state stays float32)")
+    )
 
 
 OPTION_SECTIONS: dict[str, type] = {"train": TrainConfig, "sample": SampleConfig}
