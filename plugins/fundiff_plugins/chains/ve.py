@@ -21,6 +21,15 @@ class VarianceExploding(Chain):
 
     provides = frozenset({GAUSSIAN_MARGINALS})
 
+    def check_recipe(self, components):
+        schedule = components.get("schedule")
+        if schedule is not None and schedule.logsnr_at(1.0) == -math.inf:
+            return [
+                "chain 've' cannot reach zero SNR: sigma = exp(-lambda / 2) is infinite at the schedule's "
+                "terminal logSNR of -inf; use chain: vp with this schedule, or a schedule with a finite end"
+            ]
+        return []
+
     def alpha_sigma(self, logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return noiselevel.ve_alpha_sigma(logsnr)
 
