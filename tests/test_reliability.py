@@ -206,3 +206,34 @@ def test_mixed_precision_stays_finite_at_the_schedule_extremes(schedule, registr
         with fundiff.pipeline.autocast(pipeline.device, "fp16"):
             out = fundiff.make_denoise(model, pipeline.parameterization, pipeline.guidance)(x, level)
         assert torch.isfinite(out).all(), level
+
+
+def test_recipe_too_large_for_memory_is_refused_before_allocation(registry):
+    """A denoiser of ~10^12 parameters is refused from a meta-device estimate, instantly."""
+    recipe = tiny_recipe()
+    recipe["denoiser"].update(width=400_000, depth=4)
+    started = time.monotonic()
+    with pytest.raises(fundiff.FundiffError, match=r"parameters: training needs about [\d.]+ GiB .* make the denoiser smaller"):
+        fundiff.Pipeline(fundiff.load_recipe(recipe, registry))
+    assert time.monotonic() - started < 30
+
+
+def test_sampler_inputs_are_checked_before_the_loop(registry):
+    """Wrong inputs to any sampler (built-in or third-party: the check wraps every subclass)
+    are refused with the sampler's name and what it expected."""
+    chain, schedule = registry.build("chain", "vp"), registry.build("schedule", "cosine")
+    levels = fundiff.noise_levels(schedule, chain, 4)
+    calls = []
+
+    def denoise(x, level):
+        calls.append(level)
+        return x
+
+    for name in registry.names("sampler"):
+        sampler = registry.build("sampler", name, steps=4)
+        label = type(sampler).__name__
+        with pytest.raises(ValueError, match=f"{label}.sample: x must be a floating-point tensor"):
+            sampler.sample(denoise, torch.zeros(4, dtype=torch.long).reshape(2, 2), levels)
+        with pytest.raises(ValueError, match=f"{label}.sample: levels must go from noisy to clean"):
+            sampler.sample(denoise, torch.zeros(2, 2), levels[::-1])
+    assert calls == []

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol, Sequence
 
 import attrs
 import torch
@@ -418,9 +418,48 @@ class Sampler(Component):
         denoise: Denoise,
         x: torch.Tensor,
         levels: Sequence[Level],
-        noise: Optional["NoiseStream"] = None,
+        noise: Optional["NoiseSource"] = None,
         callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
     ) -> torch.Tensor: ...
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every sampler, built-in or third-party, checks its inputs before the loop starts.
+        super().__init_subclass__(**kwargs)
+        method = cls.__dict__.get("sample")
+        if method is not None and not getattr(method, "__isabstractmethod__", False) and not getattr(method, "_checks_inputs", False):
+            cls.sample = _checked_sample(method)
+
+
+class NoiseSource(Protocol):
+    """What samplers draw fresh noise from: ``sample(draw)`` returns a (batch, *shape) tensor."""
+
+    def sample(self, draw: int) -> torch.Tensor: ...
+
+
+def _checked_sample(method: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    import functools
+
+    @functools.wraps(method)
+    def sample(self, denoise, x, levels, noise=None, callback=None):
+        check_sampler_inputs(type(self).__name__, denoise, x, levels)
+        return method(self, denoise, x, levels, noise, callback)
+
+    sample._checks_inputs = True  # type: ignore[attr-defined]
+    return sample
+
+
+def check_sampler_inputs(name: str, denoise: Any, x: Any, levels: Any) -> None:
+    """Raise a ValueError naming the sampler and what it expected, before any computation."""
+    if not callable(denoise):
+        raise ValueError(f"{name}.sample: denoise must be a callable (x, level) -> x0, got {type(denoise).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
+        got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}.sample: x must be a floating-point tensor of shape (batch, *data_shape), got {got}")
+    if len(levels) < 2 or not all(isinstance(level, Level) for level in levels):
+        raise ValueError(f"{name}.sample: levels must be a sequence of at least two fundiff.Level objects (see fundiff.noise_levels)")
+    logsnrs = [level.logsnr for level in levels]
+    if any(not b > a for a, b in zip(logsnrs, logsnrs[1:])):
+        raise ValueError(f"{name}.sample: levels must go from noisy to clean (strictly increasing logSNR), got logSNRs {logsnrs[:6]}...")
 
 
 class Spacing(Component):

@@ -134,6 +134,44 @@ class ComponentNoise:
 # --------------------------------------------------------------------------------------
 
 
+def _available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free for a new allocation on ``device``, or None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(denoiser, context: BuildContext, recipe: Recipe, device: torch.device) -> None:
+    """Refuse a recipe whose weights plus optimizer state cannot fit, before allocating them.
+
+    The network is built on the ``meta`` device (shapes only, no memory) to count its
+    parameters; training needs about 5 copies in float32 (weights, gradients, two AdamW
+    moments, EMA). Activations are not estimated, so this catches only the gross cases.
+    A denoiser that cannot be built on ``meta`` is not estimated.
+    """
+    try:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in denoiser.build(context).parameters())
+    except Exception:  # noqa: BLE001 - the estimate is best effort
+        return
+    need = params * 4 * (5 if type(denoiser).trainable else 1)
+    available = _available_memory(device)
+    if available is not None and need > available:
+        gib = 1024**3
+        raise FundiffError(
+            f"denoiser '{recipe.names.get('denoiser', '?')}' has {params:,} parameters: training needs about "
+            f"{need / gib:.1f} GiB for weights, gradients, AdamW state and EMA, but {available / gib:.1f} GiB is "
+            f"available on {device}; make the denoiser smaller (e.g. its width or depth)"
+        )
+
+
 class Pipeline:
     """A recipe's components plus the denoiser network (and its EMA copy)."""
 
@@ -144,8 +182,9 @@ class Pipeline:
         self.spec = self.data_set.spec()
         self.denoiser = recipe["denoiser"]
         self.uses_labels = self.denoiser.uses_labels(self.spec)
-        torch.manual_seed(recipe.train.seed)  # initialisation depends on the seed alone
         context = BuildContext(spec=self.spec, components=dict(recipe.components))
+        check_memory(self.denoiser, context, recipe, self.device)
+        torch.manual_seed(recipe.train.seed)  # initialisation depends on the seed alone
         self.model = self.denoiser.build(context).to(self.device)
         self.trainable = type(self.denoiser).trainable and any(True for _ in self.model.parameters())
         self.ema_model: Optional[torch.nn.Module] = None
