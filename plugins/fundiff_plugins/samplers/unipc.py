@@ -11,8 +11,8 @@ UniC-p (corrector, eq. 10), after evaluating m_s = D(x_s) at the predicted x_s:
             - alpha_s B(h) (sum_{k<p} a_k^c D1_k + a_p^c (m_s - m_0))
 
 with the weights solving R a = g (Theorem 3.1): R_{ik} = r_k^{i-1} (r_p = 1 for the
-corrector), g_i = (-h) phi_{i+1}(-h) i! / B(-h)... written with hh = -h:
-g_i = hh phi_{i+1}(hh) i! / B(hh), B(hh) = hh ("bh1") or e^{hh} - 1 ("bh2"). As in the
+corrector) and, with hh = -h, g_i = hh phi_{i+1}(hh) i! / B(hh), B(hh) = hh ("bh1") or
+e^{hh} - 1 ("bh2"), phi_k the exponential-integrator weights. As in the
 authors' code (and diffusers), the second-order predictor uses a_1 = 1/2 and the first-order
 corrector a_1^c = 1/2, the leading terms of those solutions.
 
