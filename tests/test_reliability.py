@@ -237,3 +237,35 @@ def test_sampler_inputs_are_checked_before_the_loop(registry):
         with pytest.raises(ValueError, match=f"{label}.sample: levels must go from noisy to clean"):
             sampler.sample(denoise, torch.zeros(2, 2), levels[::-1])
     assert calls == []
+
+
+def test_missing_or_broken_data_files_are_named(tmp_path):
+    """A recipe's data file that is missing, unreadable, or lacks the array is refused with
+    the path, through the CLI with exit status 2 and no traceback."""
+    from test_cli import fundiff as run_cli
+    from test_cli import user_error, write_recipe
+
+    recipe = oracle_recipe(data={"name": "tensor-file", "path": str(tmp_path / "nope.npz")}, denoiser="mlp")
+    user_error(run_cli("check", write_recipe(tmp_path, recipe)), f"data: data file not found: {tmp_path / 'nope.npz'}")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    recipe["data"]["path"] = str(tmp_path / "bad.npz")
+    user_error(run_cli("train", write_recipe(tmp_path, recipe), "--run-dir", str(tmp_path / "r")), "cannot read")
+    import numpy as np
+
+    np.savez(tmp_path / "ok.npz", points=np.zeros((10, 2)))
+    recipe["data"]["path"] = str(tmp_path / "ok.npz")
+    user_error(run_cli("train", write_recipe(tmp_path, recipe), "--run-dir", str(tmp_path / "r")), "has no array 'x'; it has: points")
+    assert not (tmp_path / "r" / "checkpoint.safetensors").exists()
+
+
+def test_user_data_from_a_file_trains_and_samples(tmp_path, registry):
+    import numpy as np
+
+    points = np.random.default_rng(0).normal(size=(300, 3)).astype(np.float32)
+    np.savez(tmp_path / "mine.npz", x=points, labels=np.arange(300) % 3)
+    recipe = tiny_recipe(steps=3)
+    recipe["data"] = {"name": "tensor-file", "path": str(tmp_path / "mine.npz")}
+    pipeline = fundiff.train(recipe, tmp_path / "run", quiet=True, registry=registry)
+    assert pipeline.spec.shape == (3,) and pipeline.spec.num_classes == 3
+    samples, _ = pipeline.sample(5)
+    assert samples.shape == (5, 3) and torch.isfinite(samples).all()
