@@ -351,6 +351,15 @@ class Weighting(Component):
     @abc.abstractmethod
     def sample_logsnr(self, u: torch.Tensor, schedule: Schedule) -> torch.Tensor: ...
 
+    def build_module(self) -> "Optional[torch.nn.Module]":
+        """A weighting that keeps statistics (e.g. importance sampling by the loss history,
+        improved DDPM sec. 3.3) returns a ``torch.nn.Module`` here implementing this same
+        interface plus ``update(logsnr, losses)``; the trainer uses the module instead of the
+        component, calls ``update`` after every optimizer step with the batch's (detached)
+        logSNRs and per-example losses, and stores the module's buffers in checkpoints, so a
+        resumed run continues exactly. Stateless weightings return None."""
+        return None
+
     def draw(self, u: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """What the trainer calls: training logSNRs and an optional per-sample log weight
         added to ``log_x0_weight`` (for weights that depend on the schedule at the drawn

@@ -31,7 +31,7 @@ import yaml
 
 from . import noiselevel, rng
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from .components import BuildContext, Chain, Denoise, Guidance, Noise, Parameterization, Sampler, Schedule
+from .components import BuildContext, Chain, Denoise, Guidance, Noise, Parameterization, Sampler, Schedule, Weighting
 from .errors import FundiffError
 from .noiselevel import Level
 from .recipe import Recipe, load_recipe, read_recipe_file
@@ -190,6 +190,10 @@ class Pipeline:
         self.ema_model: Optional[torch.nn.Module] = None
         if self.trainable and recipe.train.ema > 0:
             self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
+        # a weighting that keeps statistics is a module whose buffers live in checkpoints
+        self.weighting_module = recipe["weighting"].build_module()
+        if self.weighting_module is not None:
+            self.weighting_module = self.weighting_module.to(self.device)
         # a learned schedule is a module whose parameters train with the denoiser
         self.schedule_module = recipe["schedule"].build_module()
         if self.schedule_module is not None:
@@ -203,6 +207,10 @@ class Pipeline:
     @property
     def schedule(self) -> Schedule:
         return self.schedule_module if self.schedule_module is not None else self.recipe["schedule"]
+
+    @property
+    def weighting(self) -> Weighting:
+        return self.weighting_module if self.weighting_module is not None else self.recipe["weighting"]
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """Everything the optimizer trains: the denoiser's and a learned schedule's parameters."""
@@ -251,7 +259,7 @@ class Pipeline:
     def training_logsnr(self, step: int, batch_size: int) -> torch.Tensor:
         """The logSNRs of step ``step``'s batch (a pure function of seed and step): for reports."""
         u = rng.uniform(self.recipe.train.seed, rng.STREAM_TRAIN_LEVEL, step, torch.arange(batch_size))
-        return self.recipe["weighting"].draw(u.to(self.device), self.schedule)[0].detach().to(torch.float64).cpu()
+        return self.weighting.draw(u.to(self.device), self.schedule)[0].detach().to(torch.float64).cpu()
 
     def per_example_losses(self, step: int, batch_size: int, *, variance_gradient: bool = True) -> torch.Tensor:
         """The (B,) weighted per-example losses of step ``step``.
@@ -265,7 +273,7 @@ class Pipeline:
         x0 = data.x[index].to(self.device)
         cond = data.labels[index].to(self.device) if self.uses_labels and data.labels is not None else None
         u_level = rng.uniform(seed, rng.STREAM_TRAIN_LEVEL, step, positions)
-        logsnr, log_extra = recipe["weighting"].draw(u_level.to(self.device), self.schedule)
+        logsnr, log_extra = self.weighting.draw(u_level.to(self.device), self.schedule)
         logsnr = logsnr.to(torch.float64)
         alpha, sigma = self.chain.alpha_sigma(logsnr)
         stream = rng.NoiseStream(
@@ -283,11 +291,12 @@ class Pipeline:
         out = out.to(x0.dtype)
         target = param.target(x0, eps, x_t, a, s)
         # weight of the target-space MSE = w(lambda) in x0 units / (target-MSE per x0-MSE)
-        log_w = recipe["weighting"].log_x0_weight(logsnr, alpha, sigma) - param.log_x0_mse_factor(alpha, sigma)
+        log_w = self.weighting.log_x0_weight(logsnr, alpha, sigma) - param.log_x0_mse_factor(alpha, sigma)
         if log_extra is not None:
             log_w = log_w + log_extra.to(torch.float64)
         weight = torch.exp(log_w).to(self.device, x0.dtype)
         per_example = weight * ((out - target) ** 2).flatten(1).mean(1)
+        self.last_logsnr = logsnr.detach()  # for weightings that learn from the losses (update below)
         if variance_gradient and self.schedule_module is not None and torch.is_grad_enabled():
             # A learned schedule minimises the variance of the loss estimate (VDM sec. 5.2):
             # its parameters reach the loss only through the per-example lambda_i (and the
@@ -393,8 +402,17 @@ class Pipeline:
 
     # ---------------------------------------------------------------- state
 
+    def observe(self, losses: torch.Tensor) -> None:
+        """After an optimizer step: let a stateful weighting learn from the batch's losses."""
+        update = getattr(self.weighting_module, "update", None)
+        if update is not None:
+            with torch.no_grad():
+                update(self.last_logsnr, losses.detach().to(torch.float64))
+
     def state_tensors(self, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, torch.Tensor]:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.weighting_module is not None:
+            tensors.update({f"weighting.{k}": v for k, v in self.weighting_module.state_dict().items()})
         if self.schedule_module is not None:
             tensors.update({f"schedule.{k}": v for k, v in self.schedule_module.state_dict().items()})
         if self.ema_model is not None:
@@ -413,6 +431,8 @@ class Pipeline:
             self.model.load_state_dict(part("model."))
             if self.schedule_module is not None:
                 self.schedule_module.load_state_dict(part("schedule."))
+            if self.weighting_module is not None:
+                self.weighting_module.load_state_dict(part("weighting."))
             if self.ema_model is not None:
                 ema = part("ema.")
                 self.ema_model.load_state_dict(ema if ema else part("model."))
@@ -639,6 +659,7 @@ def train(
                 if options.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(pipeline.parameters(), options.grad_clip)
                 optimizer.step()
+                pipeline.observe(losses)
                 if pipeline.ema_model is not None:
                     with torch.no_grad():
                         ema_params = list(pipeline.ema_model.parameters())
