@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import yaml
 
 from helpers import RECIPES, ROOT, oracle_recipe

@@ -10,7 +10,6 @@ combinations exercised is printed in pytest's terminal summary.
 
 from __future__ import annotations
 
-import attrs
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings

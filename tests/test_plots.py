@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fundiff
 from fundiff import plotting
 from test_cli import fundiff as run_cli
 from test_cli import user_error

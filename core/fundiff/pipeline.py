@@ -24,10 +24,9 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
-import yaml
 
 from . import noiselevel, rng
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
