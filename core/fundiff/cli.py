@@ -27,6 +27,7 @@ examples:
   fundiff train recipes/two-moons.yaml --run-dir runs/two-moons
   fundiff sample runs/two-moons --sampler ddpm --steps 200 -n 2000
   fundiff plot schedules --out schedules.png
+  fundiff likelihood runs/two-moons -n 1000   log-likelihood and bits/dim of held-out data
   fundiff -p no:gmm-oracle plugins      disable a plugin for one command
 """
 
@@ -301,6 +302,49 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_likelihood(args: argparse.Namespace) -> int:
+    """Mean log-likelihood of held-out data under the run's probability-flow ODE (the
+    registered ``ode`` sampler's ``log_likelihood``)."""
+    import math
+
+    import attrs
+    import torch
+
+    from .pipeline import load_run, make_denoise
+
+    registry = _registry(args)
+    pipeline = load_run(args.run_dir, registry=registry)
+    data_set = pipeline.data_set
+    fields = {f.name for f in attrs.fields(type(data_set))}
+    if "seed" in fields:  # generated data: the same distribution under another seed is held out
+        changes = {"seed": data_set.seed + 1, **({"n": args.num_samples} if "n" in fields else {})}
+        data, source = attrs.evolve(data_set, **changes).load(), f"held-out points (data seed {data_set.seed + 1})"
+    else:
+        data, source = pipeline.data, "training points (the data set has no seed to draw held-out ones)"
+    x = data.x[: args.num_samples]
+    labels = data.labels[: args.num_samples] if pipeline.uses_labels and data.labels is not None else None
+    model = pipeline.sampling_model().eval().requires_grad_(False)
+    dtype = next((p.dtype for p in model.parameters()), torch.float64)
+    ode = registry.build("sampler", "ode", rtol=args.rtol, atol=args.rtol)
+    values = []
+    for begin in range(0, x.shape[0], pipeline.recipe.sample.batch_size):
+        end = min(begin + pipeline.recipe.sample.batch_size, x.shape[0])
+        cond = labels[begin:end].to(pipeline.device) if labels is not None else None
+        denoise = make_denoise(model, pipeline.parameterization, pipeline.guidance, cond)
+        values.append(
+            ode.log_likelihood(
+                denoise, x[begin:end].to(pipeline.device, dtype), pipeline.schedule, pipeline.chain,
+                probes=args.probes, exact_trace=args.exact_trace, seed=args.seed, sample_ids=torch.arange(begin, end), dtype=dtype,
+            ).cpu()
+        )
+    ll = torch.cat(values)
+    n, dim = ll.numel(), math.prod(x.shape[1:])
+    stderr = float(ll.std()) / math.sqrt(n) if n > 1 else float("nan")
+    print(f"log-likelihood: {float(ll.mean()):.4f} nats per example (+- {stderr:.4f} standard error; {n} {source})")
+    print(f"bits per dimension: {-float(ll.mean()) / (dim * math.log(2)):.4f}")
+    return 0
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -371,6 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chain", default="vp", help="chain that maps logSNR to (alpha, sigma) (default vp)")
     p.add_argument("--schedule", default="cosine", help="schedule of the perturbed examples in 'plot noise'")
     p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("likelihood", help="mean log-likelihood and bits/dim of held-out data (probability-flow ODE)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("-n", "--num-samples", type=int, default=1000, help="how many held-out points (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Hutchinson probes (default 0)")
+    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per point (default 1)")
+    p.add_argument("--exact-trace", action="store_true", help="exact divergence (one backward pass per data dimension)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="ODE solver tolerance, relative and absolute (default 1e-5)")
+    p.set_defaults(func=cmd_likelihood)
     return parser
 
 

@@ -220,3 +220,34 @@ def _rms_scaled(v: State, y: State, rtol: float, atol: float) -> float:
         total += float(((a / (atol + rtol * b.abs())) ** 2).sum())
         count += a.numel()
     return math.sqrt(total / max(count, 1))
+
+
+# --------------------------------------------------------------------------------------
+# Steps in x space written with host-float coefficients
+# --------------------------------------------------------------------------------------
+
+
+def eps_hat(denoise, x: torch.Tensor, level: Level) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx~/ds~ = (x - alpha D) / sigma, D) at a noisy level."""
+    x0 = denoise(x, level)
+    return (x - level.alpha * x0) * (1.0 / level.sigma), x0
+
+
+def transfer(x: torch.Tensor, e: torch.Tensor, t: Level, s: Level) -> torch.Tensor:
+    """x~_s = x~_t + (s~_s - s~_t) e in x space: DDIM's step for the noise estimate e
+    (PNDM's transfer phi, Liu et al. 2022, eq. 9)."""
+    return (s.alpha / t.alpha) * x + (s.alpha * (sigma_tilde(s) - sigma_tilde(t))) * e
+
+
+def rk4_slope(denoise, x: torch.Tensor, t: Level, s: Level, e1: torch.Tensor, make: Callable[[float], Level]) -> torch.Tensor:
+    """The classical Runge-Kutta slope (e1 + 2 e2 + 2 e3 + e4) / 6 of dx~/ds~ over [s~_t, s~_s],
+    midpoint in s~ (PNDM's pseudo Runge-Kutta, Liu et al. 2022, eq. 13), given e1 at t.
+    Onto the clean level, where the denoiser cannot be evaluated (sigma = 0), it returns
+    the midpoint slope e2 (second order)."""
+    mid = make(logsnr_from_sigma_tilde(0.5 * (sigma_tilde(t) + sigma_tilde(s))))
+    e2, _ = eps_hat(denoise, transfer(x, e1, t, mid), mid)
+    if s.sigma == 0.0:
+        return e2
+    e3, _ = eps_hat(denoise, transfer(x, e2, t, mid), mid)
+    e4, _ = eps_hat(denoise, transfer(x, e3, t, s), s)
+    return (e1 + 2.0 * e2 + 2.0 * e3 + e4) * (1.0 / 6.0)

@@ -9,9 +9,10 @@ PNDM splits a step into a *transfer* part, the DDIM step for a given noise estim
 and a *gradient* part that chooses e like a classical method would. The pseudo linear
 multistep step (eq. 12) uses the fourth-order Adams-Bashforth weights,
 
-    e' = (55 e_t - 59 e_{t+1} - ... ) = (55 e_0 - 59 e_1 + 37 e_2 - 9 e_3) / 24,
+    e' = (55 e_0 - 59 e_1 + 37 e_2 - 9 e_3) / 24,
 
-e_j the noise estimates at the last four grid points, and x_s = phi(x_t, e', t, s).
+e_j the noise estimates at the last four grid points (e_0 the newest), and
+x_s = phi(x_t, e', t, s).
 
 Warm start (``warm_start``), needed until four estimates exist:
 
@@ -39,7 +40,7 @@ from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import doc, one_of
 
-from ._pfode import level_maker, logsnr_from_sigma_tilde, sigma_tilde
+from ._pfode import eps_hat, level_maker, rk4_slope, transfer
 
 #: Adams-Bashforth weights of orders 1-4 for equal steps, newest slope first
 _AB = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
@@ -56,43 +57,22 @@ class PLMS(Sampler):
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
         make = level_maker(levels)
-
-        def eps(x, level):
-            x0 = denoise(x, level)
-            return (x - level.alpha * x0) * (1.0 / level.sigma), x0
-
-        def phi(x, e, t, s):
-            return (s.alpha / t.alpha) * x + (s.alpha * (sigma_tilde(s) - sigma_tilde(t))) * e
-
         history = []  # noise estimates at grid points, newest first
         for i in range(len(levels) - 1):
             t, s = levels[i], levels[i + 1]
-            e_t, x0 = eps(x, t)
+            e_t, x0 = eps_hat(denoise, x, t)
+            history.insert(0, e_t)
+            del history[4:]
             if self.warm_start == "prk" and i < 3:
-                mid = make(logsnr_from_sigma_tilde(0.5 * (sigma_tilde(t) + sigma_tilde(s))))
-                e2, _ = eps(phi(x, e_t, t, mid), mid)
-                e3, _ = eps(phi(x, e2, t, mid), mid)
-                if s.sigma == 0.0:
-                    e_step = e2
-                else:
-                    e4, _ = eps(phi(x, e3, t, s), s)
-                    e_step = (e_t + 2.0 * e2 + 2.0 * e3 + e4) * (1.0 / 6.0)
-                history.insert(0, e_t)
+                e_step = rk4_slope(denoise, x, t, s, e_t, make)
             elif self.warm_start == "heun" and i == 0:
-                if s.sigma == 0.0:
-                    e_step = e_t
-                else:
-                    e_s, _ = eps(phi(x, e_t, t, s), s)
-                    e_step = 0.5 * (e_t + e_s)
-                history.insert(0, e_t)
+                e_step = e_t if s.sigma == 0.0 else 0.5 * (e_t + eps_hat(denoise, transfer(x, e_t, t, s), s)[0])
             else:
-                history.insert(0, e_t)
-                del history[4:]
                 weights = _AB[len(history) - 1]
                 e_step = weights[0] * history[0]
                 for w, e in zip(weights[1:], history[1:]):
                     e_step = e_step + w * e
-            x = phi(x, e_step, t, s)
+            x = transfer(x, e_step, t, s)
             if callback is not None:
                 callback(i, x, x0)
         return x
