@@ -230,13 +230,13 @@ def _rms_scaled(v: State, y: State, rtol: float, atol: float) -> float:
 def eps_hat(denoise, x: torch.Tensor, level: Level) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx~/ds~ = (x - alpha D) / sigma, D) at a noisy level."""
     x0 = denoise(x, level)
-    return (x - level.alpha * x0) * (1.0 / level.sigma), x0
+    return torch.add(x, x0, alpha=-level.alpha) * (1.0 / level.sigma), x0
 
 
 def transfer(x: torch.Tensor, e: torch.Tensor, t: Level, s: Level) -> torch.Tensor:
     """x~_s = x~_t + (s~_s - s~_t) e in x space: DDIM's step for the noise estimate e
     (PNDM's transfer phi, Liu et al. 2022, eq. 9)."""
-    return (s.alpha / t.alpha) * x + (s.alpha * (sigma_tilde(s) - sigma_tilde(t))) * e
+    return torch.add((s.alpha / t.alpha) * x, e, alpha=s.alpha * (sigma_tilde(s) - sigma_tilde(t)))
 
 
 def rk4_slope(denoise, x: torch.Tensor, t: Level, s: Level, e1: torch.Tensor, make: Callable[[float], Level]) -> torch.Tensor:

@@ -19,6 +19,7 @@ except the last onto the clean level (2 steps - 1 in all).
 from __future__ import annotations
 
 import attrs
+import torch
 
 from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
@@ -51,10 +52,10 @@ class DPM2(Sampler):
                 x = levels[i + 1].alpha * x0
             else:
                 m, inv_t, cm_x, cm_e, inv_m, cs_x, cs_e = plan[i]
-                eps = (x - t.alpha * x0) * inv_t
-                x_m = cm_x * x + cm_e * eps
-                eps_m = (x_m - m.alpha * denoise(x_m, m)) * inv_m
-                x = cs_x * x + cs_e * eps_m
+                eps = torch.add(x, x0, alpha=-t.alpha) * inv_t
+                x_m = torch.add(cm_x * x, eps, alpha=cm_e)
+                eps_m = torch.add(x_m, denoise(x_m, m), alpha=-m.alpha) * inv_m
+                x = torch.add(cs_x * x, eps_m, alpha=cs_e)
             if callback is not None:
                 callback(i, x, x0)
         return x

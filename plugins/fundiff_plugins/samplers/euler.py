@@ -16,6 +16,7 @@ the number of steps and of denoiser evaluations.
 from __future__ import annotations
 
 import attrs
+import torch
 
 from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
@@ -36,7 +37,7 @@ class Euler(Sampler):
             coefs.append((s.sigma / t.sigma, s.alpha * (1.0 - ratio)))
         for i, (c_x, c_d) in enumerate(coefs):
             x0 = denoise(x, levels[i])
-            x = c_d * x0 if c_x == 0.0 else c_x * x + c_d * x0
+            x = c_d * x0 if c_x == 0.0 else torch.add(c_x * x, x0, alpha=c_d)
             if callback is not None:
                 callback(i, x, x0)
         return x

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import attrs
+import torch
 
 from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
@@ -43,10 +44,10 @@ def heun_step(denoise, x, t, s, x0=None):
     if s.sigma == 0.0:
         return s.alpha * x0, x0  # the Euler step onto s~ = 0 lands on alpha_s D exactly
     h = sigma_tilde(s) - sigma_tilde(t)
-    eps1 = (x - t.alpha * x0) * (1.0 / t.sigma)
-    x_e = (s.alpha / t.alpha) * x + (s.alpha * h) * eps1
-    eps2 = (x_e - s.alpha * denoise(x_e, s)) * (1.0 / s.sigma)
-    return x_e + (0.5 * s.alpha * h) * (eps2 - eps1), x0
+    eps1 = torch.add(x, x0, alpha=-t.alpha) * (1.0 / t.sigma)
+    x_e = torch.add((s.alpha / t.alpha) * x, eps1, alpha=s.alpha * h)
+    eps2 = torch.add(x_e, denoise(x_e, s), alpha=-s.alpha) * (1.0 / s.sigma)
+    return torch.add(x_e, eps2 - eps1, alpha=0.5 * s.alpha * h), x0
 
 
 @attrs.frozen(kw_only=True)

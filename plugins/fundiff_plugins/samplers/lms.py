@@ -29,8 +29,11 @@ sample lands on the clean level without a separate jump. ``steps`` is the number
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 import numpy as np
+import torch
 
 from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
@@ -39,18 +42,27 @@ from fundiff.config import doc, in_range, one_of
 from ._pfode import level_maker, rk4_slope, sigma_tilde, transfer
 
 
+@functools.lru_cache(maxsize=None)
+def _gauss_legendre(q: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    nodes, weights = np.polynomial.legendre.leggauss(q)
+    return tuple(float(v) for v in nodes), tuple(float(v) for v in weights)
+
+
 def adams_coefficients(nodes: list[float], a: float, b: float) -> list[float]:
     """Integrals over [a, b] of the Lagrange basis polynomials through ``nodes`` (host floats)."""
-    q = len(nodes)
-    x, w = np.polynomial.legendre.leggauss(q)
-    tau = 0.5 * (b - a) * x + 0.5 * (b + a)
+    gauss_x, gauss_w = _gauss_legendre(len(nodes))
+    half, centre = 0.5 * (b - a), 0.5 * (b + a)
+    taus = [half * v + centre for v in gauss_x]
     out = []
     for j, nj in enumerate(nodes):
-        basis = np.ones_like(tau)
-        for m, nm in enumerate(nodes):
-            if m != j:
-                basis = basis * (tau - nm) / (nj - nm)
-        out.append(float(0.5 * (b - a) * np.dot(w, basis)))
+        total = 0.0
+        for tau, w in zip(taus, gauss_w):
+            basis = w
+            for m, nm in enumerate(nodes):
+                if m != j:
+                    basis *= (tau - nm) / (nj - nm)
+            total += basis
+        out.append(half * total)
     return out
 
 
@@ -82,7 +94,7 @@ class LMS(Sampler):
         for i, (inv_sigma, c_x, c_eps) in enumerate(self.plan(levels)):
             t = levels[i]
             x0 = denoise(x, t)
-            history.insert(0, (x - t.alpha * x0) * inv_sigma)
+            history.insert(0, torch.add(x, x0, alpha=-t.alpha) * inv_sigma)
             del history[self.order :]
             if make is not None and i < self.order - 1:
                 x = transfer(x, rk4_slope(denoise, x, t, levels[i + 1], history[0], make), t, levels[i + 1])
@@ -91,7 +103,7 @@ class LMS(Sampler):
                 continue
             update = c_x * x
             for c, eps in zip(c_eps, history):
-                update = update + c * eps
+                update = torch.add(update, eps, alpha=c)
             x = update
             if callback is not None:
                 callback(i, x, x0)

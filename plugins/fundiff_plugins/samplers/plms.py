@@ -35,12 +35,13 @@ level (only when steps <= 3) cannot evaluate there (sigma = 0) and uses the midp
 from __future__ import annotations
 
 import attrs
+import torch
 
 from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import doc, one_of
 
-from ._pfode import eps_hat, level_maker, rk4_slope, transfer
+from ._pfode import eps_hat, level_maker, rk4_slope, sigma_tilde, transfer
 
 #: Adams-Bashforth weights of orders 1-4 for equal steps, newest slope first
 _AB = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
@@ -68,10 +69,14 @@ class PLMS(Sampler):
             elif self.warm_start == "heun" and i == 0:
                 e_step = e_t if s.sigma == 0.0 else 0.5 * (e_t + eps_hat(denoise, transfer(x, e_t, t, s), s)[0])
             else:
-                weights = _AB[len(history) - 1]
-                e_step = weights[0] * history[0]
-                for w, e in zip(weights[1:], history[1:]):
-                    e_step = e_step + w * e
+                # x_s = (alpha_s / alpha_t) x + alpha_s (s~_s - s~_t) sum_j w_j e_j, one fused op per term
+                h = s.alpha * (sigma_tilde(s) - sigma_tilde(t))
+                x = (s.alpha / t.alpha) * x
+                for w, e in zip(_AB[len(history) - 1], history):
+                    x = torch.add(x, e, alpha=h * w)
+                if callback is not None:
+                    callback(i, x, x0)
+                continue
             x = transfer(x, e_step, t, s)
             if callback is not None:
                 callback(i, x, x0)
