@@ -374,7 +374,8 @@ def test_brownian_noise_refines_the_same_path(registry):
     normalised noise of a coarse step is the sqrt-length-weighted sum of the fine steps'
     (W additive; to rounding, ~U / sqrt(step length) < 1e-12), so euler-ancestral with
     eta = 1 on 20 and on 40 steps (the 20-step grid interleaved) gives per-sample results
-    far more alike than independent noise does (median distance under half)."""
+    far more alike than independent noise does (median distance 0.06 against 1.36 measured;
+    asserted under a fifth)."""
     denoise, coarse, start, noise = oracle(registry, steps=20)
     _, fine, _, _ = oracle(registry, steps=40)
     assert all(c == f for c, f in zip(coarse, fine[::2]))
@@ -389,7 +390,7 @@ def test_brownian_noise_refines_the_same_path(registry):
     fresh = registry.build("sampler", "euler-ancestral")
     same_path = (brownian.sample(denoise, start(ids), coarse, noise(ids)) - brownian.sample(denoise, start(ids), fine, noise(ids))).norm(dim=1)
     other = (fresh.sample(denoise, start(ids), coarse, noise(ids)) - fresh.sample(denoise, start(ids), fine, noise(ids))).norm(dim=1)
-    assert same_path.median() < 0.5 * other.median(), (float(same_path.median()), float(other.median()))
+    assert same_path.median() < 0.2 * other.median(), (float(same_path.median()), float(other.median()))
 
 
 # --------------------------------------------------------------------------------------
