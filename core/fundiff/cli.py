@@ -195,6 +195,7 @@ def _sample_in_parts(pipeline, stem: str, *, quiet: bool):
     from safetensors.torch import load_file, save
     from tqdm import tqdm
 
+    from . import distributed
     from .checkpoint import atomic_write_bytes, atomic_write_text
     from .pipeline import recipe_hash
 
@@ -212,31 +213,46 @@ def _sample_in_parts(pipeline, stem: str, *, quiet: bool):
         sort_keys=True,
     )
     manifest = os.path.join(parts, "settings.json")
-    if os.path.isdir(parts) and (not os.path.exists(manifest) or open(manifest, encoding="utf-8").read() != settings):
-        shutil.rmtree(parts)  # parts of a different sampling run: not ours to reuse
-    os.makedirs(parts, exist_ok=True)
-    atomic_write_text(manifest, settings)
-    chunks, label_chunks = [], []
-    with tqdm(total=options.num_samples, disable=quiet, desc="sample", unit="sample", dynamic_ncols=True) as bar:
-        for begin in range(0, options.num_samples, options.batch_size):
+    world = distributed.world(pipeline.device)
+    if world.is_main:
+        if os.path.isdir(parts) and (not os.path.exists(manifest) or open(manifest, encoding="utf-8").read() != settings):
+            shutil.rmtree(parts)  # parts of a different sampling run: not ours to reuse
+        os.makedirs(parts, exist_ok=True)
+        atomic_write_text(manifest, settings)
+    distributed.barrier(world)
+    batches = list(range(0, options.num_samples, options.batch_size))
+
+    def part_path(begin: int) -> str:
+        return os.path.join(parts, f"{begin:012d}-{min(options.batch_size, options.num_samples - begin)}.safetensors")
+
+    def read_part(path: str):
+        try:
+            return load_file(path) if os.path.exists(path) else None
+        except (SafetensorError, OSError):
+            return None  # a part torn by a crash is drawn again
+
+    # under torchrun, batch b belongs to rank b % world size: the same batches as one process
+    with tqdm(total=options.num_samples, disable=quiet or not world.is_main, desc="sample", unit="sample", dynamic_ncols=True) as bar:
+        for index, begin in enumerate(batches):
             count = min(options.batch_size, options.num_samples - begin)
-            path = os.path.join(parts, f"{begin:012d}-{count}.safetensors")
-            tensors = None
-            if os.path.exists(path):
-                try:
-                    tensors = load_file(path)
-                except (SafetensorError, OSError):
-                    tensors = None  # a part torn by a crash is drawn again
-            if tensors is None:
+            if index % world.size == world.rank and read_part(part_path(begin)) is None:
                 samples, labels = pipeline.sample(count, start=begin, batch_size=count)
                 tensors = {"samples": samples.contiguous()}
                 if labels is not None:
                     tensors["labels"] = labels.contiguous()
-                atomic_write_bytes(path, save(tensors))
-            chunks.append(tensors["samples"])
-            if "labels" in tensors:
-                label_chunks.append(tensors["labels"])
+                atomic_write_bytes(part_path(begin), save(tensors))
             bar.update(count)
+    distributed.barrier(world)
+    if not world.is_main:
+        return None, parts
+    chunks, label_chunks = [], []
+    for begin in batches:
+        tensors = read_part(part_path(begin))
+        if tensors is None:
+            raise FundiffError(f"sample part {part_path(begin)} is missing or unreadable; run the command again to redraw it")
+        chunks.append(tensors["samples"])
+        if "labels" in tensors:
+            label_chunks.append(tensors["labels"])
     import torch
 
     result = torch.cat(chunks), (torch.cat(label_chunks) if label_chunks else None)
@@ -267,7 +283,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     stem = args.out or os.path.join(
         args.run_dir, "samples", f"{sampler_name.replace(':', '-')}-{pipeline.sampler.steps}steps-seed{options.seed}"
     )
-    (samples, labels), parts = _sample_in_parts(pipeline, stem, quiet=args.quiet)
+    result, parts = _sample_in_parts(pipeline, stem, quiet=args.quiet)
+    if result is None:  # a non-main rank of a distributed run: rank 0 writes the files
+        return 0
+    samples, labels = result
     extension = ".npz" if options.format == "npz" else ".safetensors"
     tensor_path = stem + extension
     metadata = {"run": os.path.abspath(args.run_dir), "sampler": sampler_name, "steps": str(pipeline.sampler.steps), "seed": str(options.seed)}
@@ -342,6 +361,18 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     stderr = float(ll.std()) / math.sqrt(n) if n > 1 else float("nan")
     print(f"log-likelihood: {float(ll.mean()):.4f} nats per example (+- {stderr:.4f} standard error; {n} {source})")
     print(f"bits per dimension: {-float(ll.mean()) / (dim * math.log(2)):.4f}")
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    """Train the noise-aware classifier of ``guidance: classifier`` on a run's data and
+    forward process; stores RUN_DIR/classifier.safetensors."""
+    try:
+        from fundiff_plugins.guidances.classifier import train_classifier_for_run
+    except ImportError as exc:
+        raise FundiffError(f"train-classifier needs the built-in 'classifier' guidance plugin: {exc}") from None
+    path = train_classifier_for_run(args.run_dir, steps=args.steps, quiet=args.quiet)
+    print(path)
     return 0
 
 
@@ -423,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-trace", action="store_true", help="exact divergence (one backward pass per data dimension)")
     p.add_argument("--rtol", type=float, default=1e-5, help="ODE solver tolerance, relative and absolute (default 1e-5)")
     p.set_defaults(func=cmd_likelihood)
+    p = sub.add_parser("train-classifier", help="train the noise-aware classifier of guidance 'classifier' into RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_train_classifier)
     return parser
 
 

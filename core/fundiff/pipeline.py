@@ -24,11 +24,11 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from . import noiselevel, rng
+from . import distributed, noiselevel, rng
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .components import BuildContext, Chain, Denoise, Guidance, Noise, Parameterization, Sampler, Schedule, Weighting
 from .errors import FundiffError
@@ -88,13 +88,21 @@ def make_predict(model: torch.nn.Module, parameterization: Parameterization):
 
 
 def make_denoise(
-    model: torch.nn.Module, parameterization: Parameterization, guidance: Guidance, cond: Optional[torch.Tensor] = None
+    model: torch.nn.Module,
+    parameterization: Parameterization,
+    guidance: Guidance,
+    cond: Optional[torch.Tensor] = None,
+    levels: Optional[Sequence[Level]] = None,
 ) -> Denoise:
-    """``denoise(x, level) -> x0``: what samplers call, with guidance applied."""
+    """``denoise(x, level) -> x0``: what samplers call, with guidance applied.
+
+    One call is one sampling run: the guidance's per-run state (``guidance.start(levels)``,
+    with the run's grid when given) lives in the returned function."""
     predict = make_predict(model, parameterization)
+    run = guidance.start(levels)
 
     def denoise(x: torch.Tensor, level: Level) -> torch.Tensor:
-        return guidance.denoise(predict, x, level, cond)
+        return run.denoise(predict, x, level, cond)
 
     return denoise
 
@@ -200,7 +208,10 @@ class Pipeline:
             self.trainable = True
         self._data = None
         self._noise: Optional[Noise] = None
+        self.forward_model: Optional[torch.nn.Module] = None  # the DDP wrapper in distributed training
         self.step = 0
+        #: the run directory (set by ``train`` and ``load_run``): where spacings may cache results
+        self.run_dir: Optional[str] = None
 
     # components by kind, for readability
     @property
@@ -260,14 +271,17 @@ class Pipeline:
         u = rng.uniform(self.recipe.train.seed, rng.STREAM_TRAIN_LEVEL, step, torch.arange(batch_size))
         return self.weighting.draw(u.to(self.device), self.schedule)[0].detach().to(torch.float64).cpu()
 
-    def per_example_losses(self, step: int, batch_size: int, *, variance_gradient: bool = True) -> torch.Tensor:
+    def per_example_losses(
+        self, step: int, batch_size: int, *, variance_gradient: bool = True, positions: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """The (B,) weighted per-example losses of step ``step``.
 
         With a learned schedule and ``variance_gradient``, gradients reaching the schedule's
         parameters are those of mean(L^2) rather than mean(L) (see below)."""
         recipe, seed = self.recipe, self.recipe.train.seed
         data = self.data
-        positions = torch.arange(batch_size)
+        # positions in the global batch: a rank of a distributed run computes its slice
+        positions = torch.arange(batch_size) if positions is None else positions
         index = (rng.uniform(seed, rng.STREAM_TRAIN_DATA, step, positions) * data.x.shape[0]).long()
         x0 = data.x[index].to(self.device)
         cond = data.labels[index].to(self.device) if self.uses_labels and data.labels is not None else None
@@ -285,8 +299,9 @@ class Pipeline:
         if cond is not None:
             cond = self.guidance.training_condition(cond, rng.uniform(seed, rng.STREAM_TRAIN_COND, step, positions).to(self.device))
         param = self.parameterization
+        network = self.forward_model if self.forward_model is not None else self.model
         with autocast(self.device, recipe.train.precision):
-            out = self.model(param.input_scale(a, s) * x_t, logsnr.to(self.device, x0.dtype), cond)
+            out = network(param.input_scale(a, s) * x_t, logsnr.to(self.device, x0.dtype), cond)
         out = out.to(x0.dtype)
         target = param.target(x0, eps, x_t, a, s)
         # weight of the target-space MSE = w(lambda) in x0 units / (target-MSE per x0-MSE)
@@ -309,13 +324,38 @@ class Pipeline:
     # ---------------------------------------------------------------- sampling
 
     def levels(self, steps: Optional[int] = None, sampler: Optional[Sampler] = None) -> list[Level]:
-        """The host-side grid of noise levels: the recipe's spacing, or t evenly spaced."""
+        """The host-side grid of noise levels: the recipe's spacing (prepared with this
+        pipeline's model and run directory, see ``Spacing.prepare``), or t evenly spaced."""
         sampler = sampler or self.sampler
         spacing = self.recipe.get("spacing")
         steps = steps or sampler.steps
         if spacing is None:
             return noise_levels(self.schedule, self.chain, steps)
-        return spacing.levels(self.schedule, self.chain, steps)
+        return spacing.prepare(self, self.run_dir).levels(self.schedule, self.chain, steps)
+
+    def truncate(self, levels: Sequence[Level], strength: Optional[float] = None, stop_logsnr: Optional[float] = None) -> list[Level]:
+        """Cut a grid for truncated sampling (survey sec. 5.2.1).
+
+        ``strength`` in (0, 1]: start at the noisy level whose t (``schedule.t_from_logsnr``)
+        is nearest to ``strength`` (ties: the less noisy one). ``stop_logsnr``: keep the levels
+        noisier than it and end at ``chain.level(stop_logsnr)`` itself (the caller then
+        denoises there). Either may be None."""
+        levels = list(levels)
+        if strength is not None:
+            if not 0.0 < strength <= 1.0:
+                raise FundiffError(f"strength must be in (0, 1], got {strength}")
+            noisy = [lvl for lvl in levels if not lvl.is_clean]
+            ts = self.schedule.t_from_logsnr(torch.tensor([lvl.logsnr for lvl in noisy], dtype=torch.float64)).tolist()
+            start = min(range(len(noisy)), key=lambda i: (abs(ts[i] - strength), -i))
+            levels = levels[start:]
+        if stop_logsnr is not None and stop_logsnr != math.inf:
+            if not stop_logsnr > levels[0].logsnr:
+                raise FundiffError(
+                    f"sample.stop_logsnr ({stop_logsnr}) must be above the first level's logSNR ({levels[0].logsnr:.6g}): "
+                    "the sampler stops at a less noisy level than it starts from"
+                )
+            levels = [lvl for lvl in levels if lvl.logsnr < stop_logsnr] + [self.chain.level(float(stop_logsnr))]
+        return levels
 
     def sampling_model(self, use_ema: bool = True) -> torch.nn.Module:
         return self.ema_model if use_ema and self.ema_model is not None else self.model
@@ -347,19 +387,39 @@ class Pipeline:
         start: int = 0,
         dtype: torch.dtype = torch.float32,
         progress: Optional[Callable[[int], None]] = None,
+        init: Optional[torch.Tensor] = None,
+        strength: float = 1.0,
+        stop_logsnr: Optional[float] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Draw samples ``start .. start + num_samples - 1``; returns (samples, labels).
 
         Sample i depends only on (seed, i): batch size and ``start`` do not change it.
+
+        Truncation (survey sec. 5.2.1): with ``init`` (N, *shape), sample i starts from row i
+        of it (row 0 for every sample when N = 1), perturbed by the chain to the grid level
+        nearest t = ``strength`` with sample i's prior noise, and the sampler walks the rest
+        of the grid (image-to-image; ``num_samples`` defaults to N - start). ``stop_logsnr``
+        (default ``sample.stop_logsnr``) ends the walk at that logSNR and returns the
+        denoiser's x0 estimate there.
         """
         options = self.recipe.sample
+        if init is not None:
+            init = torch.as_tensor(init)
+            if init.ndim != len(self.spec.shape) + 1 or tuple(init.shape[1:]) != tuple(self.spec.shape):
+                raise FundiffError(f"init must have shape (N, *{tuple(self.spec.shape)}), got {tuple(init.shape)}")
+            if num_samples is None and init.shape[0] > 1:
+                num_samples = init.shape[0] - start
         num_samples = options.num_samples if num_samples is None else num_samples
+        if init is not None and init.shape[0] > 1 and start + num_samples > init.shape[0]:
+            raise FundiffError(f"init has {init.shape[0]} rows, but samples up to {start + num_samples - 1} were asked for")
+        stop_logsnr = options.stop_logsnr if stop_logsnr is None else stop_logsnr
         seed = options.seed if seed is None else seed
         batch_size = options.batch_size if batch_size is None else batch_size
         label = options.label if label is None else label
         use_ema = options.use_ema if use_ema is None else use_ema
         sampler = sampler or self.sampler
-        levels = self.levels(steps, sampler)
+        levels = self.truncate(self.levels(steps, sampler), strength if init is not None else None, stop_logsnr)
+        stop = levels[-1] if not levels[-1].is_clean else None  # truncated: a final denoise there
         model = self.sampling_model(use_ema)
         model.eval()
         precision = options.precision
@@ -368,11 +428,18 @@ class Pipeline:
             ids = torch.arange(begin, min(begin + batch_size, start + num_samples))
             noise_type = self.noise
             prior = rng.NoiseStream(seed, ids, self.spec.shape, stream=rng.STREAM_PRIOR, device=self.device, dtype=dtype)
-            x = self.chain.prior(levels[0], noise_type.sample(prior, 0))
+            eps = noise_type.sample(prior, 0)
+            if init is None:
+                x = self.chain.prior(levels[0], eps)
+            else:  # truncation: init perturbed to the start level with this sample's prior noise
+                rows = init[ids] if init.shape[0] > 1 else init.expand(ids.numel(), *init.shape[1:])
+                first = levels[0]
+                x0 = noise_type.corrupt(rows.to(self.device, dtype), torch.full((ids.numel(),), first.logsnr, dtype=dtype, device=self.device))
+                x = self.chain.perturb(x0, eps, torch.tensor(first.alpha, dtype=dtype, device=self.device), torch.tensor(first.sigma, dtype=dtype, device=self.device))
             stream = rng.NoiseStream(seed, ids, self.spec.shape, stream=rng.STREAM_SAMPLER, device=self.device, dtype=dtype)
             noise = ComponentNoise(noise_type, stream)
             cond = self.labels_for(ids, seed, label)
-            denoise = make_denoise(model, self.parameterization, self.guidance, cond)
+            denoise = make_denoise(model, self.parameterization, self.guidance, cond, levels)
             if precision != "fp32":
                 denoise = _with_autocast(denoise, self.device, precision, dtype)
             finite: list[torch.Tensor] = []  # one device flag per step: checked after the loop, no sync inside
@@ -386,6 +453,8 @@ class Pipeline:
                     f"for samples {int(ids[0])}..{int(ids[-1])}; check the parameterization near this level "
                     "(eps-prediction divides by alpha), the number of steps, or use sample.precision: fp32"
                 )
+            if stop is not None:
+                x = denoise(x, stop)
             outputs.append(x.cpu())
             if cond is not None:
                 label_outputs.append(cond.cpu())
@@ -401,12 +470,16 @@ class Pipeline:
 
     # ---------------------------------------------------------------- state
 
-    def observe(self, losses: torch.Tensor) -> None:
-        """After an optimizer step: let a stateful weighting learn from the batch's losses."""
+    def observe(self, losses: torch.Tensor, world: Optional["distributed.World"] = None) -> None:
+        """After an optimizer step: let a stateful weighting learn from the batch's losses
+        (all ranks' losses, in global order, so every rank keeps the same statistics)."""
         update = getattr(self.weighting_module, "update", None)
         if update is not None:
+            w = world or distributed.World()
+            logsnr = distributed.gather(self.last_logsnr, w)
+            losses = distributed.gather(losses.detach().to(torch.float64), w)
             with torch.no_grad():
-                update(self.last_logsnr, losses.detach().to(torch.float64))
+                update(logsnr, losses)
 
     def state_tensors(self, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, torch.Tensor]:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
@@ -531,9 +604,9 @@ def _levels_text(logsnr: torch.Tensor, chain: Chain) -> str:
     return f"logSNR {values} (sigma {sigmas})"
 
 
-def _nonfinite_loss_report(pipeline: Pipeline, step: int, losses: torch.Tensor) -> str:
+def _nonfinite_loss_report(pipeline: Pipeline, step: int, losses: torch.Tensor, positions: torch.Tensor) -> str:
     bad = ~torch.isfinite(losses.detach())
-    logsnr = pipeline.training_logsnr(step, losses.numel())[bad.cpu()]
+    logsnr = pipeline.training_logsnr(step, int(positions[-1]) + 1)[positions][bad.cpu()]
     names = pipeline.recipe.names
     return (
         f"training loss is not finite at step {step} in {int(bad.sum())} of {losses.numel()} examples, at "
@@ -597,8 +670,16 @@ def train(
                 "only train.steps (and logging / checkpoint intervals) may change on resume"
             )
 
-    pipeline = Pipeline(recipe)
+    device = distributed.local_device(torch.device(recipe.train.device))
+    world = distributed.world(device)
     options = recipe.train
+    if options.batch_size % world.size:
+        raise FundiffError(
+            f"train.batch_size ({options.batch_size}) must be divisible by the number of processes ({world.size}): "
+            "it is the global batch, split evenly across ranks"
+        )
+    pipeline = Pipeline(recipe, device=device)
+    pipeline.run_dir = run_dir
     optimizer = _make_optimizer(pipeline) if pipeline.trainable else None
     if has_checkpoint:
         tensors, metadata = load_checkpoint(checkpoint_path)
@@ -606,11 +687,16 @@ def train(
             raise FundiffError(f"{checkpoint_path} was written for a different recipe; resume it with the run's recipe.yaml")
         pipeline.load_state_tensors(tensors, optimizer)
         pipeline.step = int(metadata["step"])
-        _truncate_metrics(metrics_path, pipeline.step)
-    _write_run_files(run_dir, recipe)
+        if world.is_main:
+            _truncate_metrics(metrics_path, pipeline.step)
+    distributed.barrier(world)
+    if world.is_main:
+        _write_run_files(run_dir, recipe)
+    quiet = quiet or not world.is_main
     if not pipeline.trainable:
         pipeline.step = options.steps
-        _save(pipeline, None, run_dir)
+        if world.is_main:
+            _save(pipeline, None, run_dir)
         if not quiet:
             print(f"{recipe['denoiser'].__class__.__name__} needs no training; wrote {run_dir}", file=sys.stderr)
         return pipeline
@@ -621,54 +707,72 @@ def train(
 
     from tqdm import tqdm
 
+    local = options.batch_size // world.size
+    positions = torch.arange(world.rank * local, (world.rank + 1) * local)
+    extra_params: list[torch.nn.Parameter] = []
+    if world.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        pipeline.forward_model = DistributedDataParallel(pipeline.model)
+        # a learned schedule's parameters are outside the DDP module: averaged by hand below
+        extra_params = list(pipeline.schedule_module.parameters()) if pipeline.schedule_module is not None else []
     bar = tqdm(total=options.steps, initial=pipeline.step, disable=quiet, desc="train", unit="step", dynamic_ncols=True)
     pipeline.model.train()
     running, count, started = 0.0, 0, time.perf_counter()
-    skipped = _skipped_so_far(metrics_path)
+    skipped = _skipped_so_far(metrics_path) if world.is_main else 0
+    metrics = open(metrics_path, "a", encoding="utf-8") if world.is_main else None
     try:
-        with open(metrics_path, "a", encoding="utf-8") as metrics:
-            while pipeline.step < options.steps:
-                step = pipeline.step
-                lr = options.lr * min(1.0, (step + 1) / options.warmup) if options.warmup else options.lr
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                losses = pipeline.per_example_losses(step, options.batch_size)
-                loss = losses.mean()
+        while pipeline.step < options.steps:
+            step = pipeline.step
+            lr = options.lr * min(1.0, (step + 1) / options.warmup) if options.warmup else options.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses = pipeline.per_example_losses(step, options.batch_size, positions=positions)
+            loss = losses.mean()
+            optimizer.zero_grad(set_to_none=True)
+            problem = None
+            if distributed.any_true(not bool(torch.isfinite(loss)), world):
+                problem = _nonfinite_loss_report(pipeline, step, losses, positions)
+            else:
+                loss.backward()
+                for param in extra_params:
+                    if param.grad is not None:
+                        param.grad.copy_(distributed.mean(param.grad, world))
+                grads = [p.grad for p in pipeline.parameters() if p.grad is not None]
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+                if not math.isfinite(grad_norm):
+                    problem = _nonfinite_gradient_report(pipeline, step)
+            if problem is not None:
+                if options.on_nonfinite == "stop":
+                    saved = (
+                        f"the last checkpoint (step {_checkpoint_step(run_dir)}) is kept"
+                        if os.path.exists(checkpoint_path)
+                        else "no checkpoint was written yet"
+                    )
+                    raise FundiffError(f"{problem}; {saved}. Lower train.lr, keep train.grad_clip on, or set train.on_nonfinite: skip")
+                skipped += 1
                 optimizer.zero_grad(set_to_none=True)
-                problem = None
-                if not torch.isfinite(loss):
-                    problem = _nonfinite_loss_report(pipeline, step, losses)
-                else:
-                    loss.backward()
-                    grads = [p.grad for p in pipeline.parameters() if p.grad is not None]
-                    grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
-                    if not math.isfinite(grad_norm):
-                        problem = _nonfinite_gradient_report(pipeline, step)
-                if problem is not None:
-                    if options.on_nonfinite == "stop":
-                        saved = f"the last checkpoint (step {_checkpoint_step(run_dir)}) is kept" if os.path.exists(checkpoint_path) else "no checkpoint was written yet"
-                        raise FundiffError(f"{problem}; {saved}. Lower train.lr, keep train.grad_clip on, or set train.on_nonfinite: skip")
-                    skipped += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    pipeline.step = step + 1
+                pipeline.step = step + 1
+                if metrics is not None:
                     metrics.write(json.dumps({"step": pipeline.step, "skipped": skipped, "reason": problem}) + "\n")
                     metrics.flush()
-                    bar.update(1)
-                    continue
-                if options.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(pipeline.parameters(), options.grad_clip)
-                optimizer.step()
-                pipeline.observe(losses)
-                if pipeline.ema_model is not None:
-                    with torch.no_grad():
-                        ema_params = list(pipeline.ema_model.parameters())
-                        torch._foreach_lerp_(ema_params, list(pipeline.model.parameters()), 1.0 - options.ema)
-                        for ema_buf, buf in zip(pipeline.ema_model.buffers(), pipeline.model.buffers()):
-                            ema_buf.copy_(buf)
-                pipeline.step = step + 1
-                running += float(loss.detach())
-                count += 1
-                if pipeline.step % options.log_every == 0 or pipeline.step == options.steps:
+                bar.update(1)
+                continue
+            if options.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(pipeline.parameters(), options.grad_clip)
+            optimizer.step()
+            pipeline.observe(losses, world)
+            if pipeline.ema_model is not None:
+                with torch.no_grad():
+                    ema_params = list(pipeline.ema_model.parameters())
+                    torch._foreach_lerp_(ema_params, list(pipeline.model.parameters()), 1.0 - options.ema)
+                    for ema_buf, buf in zip(pipeline.ema_model.buffers(), pipeline.model.buffers()):
+                        ema_buf.copy_(buf)
+            pipeline.step = step + 1
+            running += float(distributed.mean(loss.detach(), world))
+            count += 1
+            if pipeline.step % options.log_every == 0 or pipeline.step == options.steps:
+                if metrics is not None:
                     record = {
                         "step": pipeline.step,
                         "loss": running / count,
@@ -679,13 +783,17 @@ def train(
                     }
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
-                    bar.set_postfix(loss=f"{running / count:.4f}")
-                    running, count = 0.0, 0
-                if pipeline.step % options.checkpoint_every == 0 or pipeline.step == options.steps:
-                    _save(pipeline, optimizer, run_dir)
-                bar.update(1)
+                bar.set_postfix(loss=f"{running / count:.4f}")
+                running, count = 0.0, 0
+            if world.is_main and (pipeline.step % options.checkpoint_every == 0 or pipeline.step == options.steps):
+                _save(pipeline, optimizer, run_dir)
+            bar.update(1)
     finally:
         bar.close()
+        if metrics is not None:
+            metrics.close()
+    pipeline.forward_model = None
+    distributed.barrier(world)
     return pipeline
 
 
@@ -718,12 +826,13 @@ def load_run(
                     f"cannot override {key} when sampling a trained run; only sampler.*, spacing.*, guidance.* and sample.* may change"
                 )
     recipe = load_recipe(stored, registry, overrides=overrides)
-    pipeline = Pipeline(recipe, device=device or recipe.sample.device)
+    pipeline = Pipeline(recipe, device=device or distributed.local_device(torch.device(recipe.sample.device)))
     tensors, metadata = load_checkpoint(os.path.join(run_dir, CHECKPOINT_FILE))
     if metadata.get("recipe_hash") != recipe_hash(recipe):
         raise FundiffError(f"{run_dir}: the checkpoint does not belong to the run's recipe.yaml (was the file edited?)")
     pipeline.load_state_tensors(tensors)
     pipeline.step = int(metadata.get("step", 0))
+    pipeline.run_dir = run_dir
     return pipeline
 
 
