@@ -4,6 +4,7 @@ The noise level enters as a sinusoidal embedding of logSNR (the transformer posi
 encoding of Vaswani et al. used by DDPM, applied to lambda instead of the step index), added
 to every residual block; class labels, when the data has them, add a learned embedding
 (index ``num_classes`` is the "no condition" token used by condition dropout).
+``learned_variance: true`` doubles the outputs for a reverse-variance head (``_variance.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import nn
 
 from fundiff import BuildContext, Denoiser, hookimpl
 from fundiff.config import at_least, doc, greater_than
+
+from ._variance import VarianceOutput
 
 
 #: logSNR is clamped to [-LOGSNR_CLAMP, LOGSNR_CLAMP] before it is embedded. Schedules may
@@ -36,9 +39,12 @@ def sinusoidal_embedding(logsnr: torch.Tensor, dim: int, max_period: float) -> t
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
-class ResidualMLP(nn.Module):
-    def __init__(self, numel: int, width: int, depth: int, embed_dim: int, num_classes: int, max_period: float):
+class ResidualMLP(VarianceOutput):
+    def __init__(
+        self, numel: int, width: int, depth: int, embed_dim: int, num_classes: int, max_period: float, learned_variance: bool = False
+    ):
         super().__init__()
+        self.learned_variance = learned_variance
         self.embed_dim = embed_dim
         self.max_period = max_period
         self.level_mlp = nn.Sequential(nn.Linear(embed_dim, width), nn.SiLU(), nn.Linear(width, width))
@@ -51,9 +57,9 @@ class ResidualMLP(nn.Module):
             )
             for _ in range(depth)
         )
-        self.output = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, numel))
+        self.output = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, numel * self.out_factor))
 
-    def forward(self, x: torch.Tensor, logsnr: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def network(self, x: torch.Tensor, logsnr: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         emb = self.level_mlp(sinusoidal_embedding(logsnr, self.embed_dim, self.max_period).to(x.dtype))
         if self.class_embedding is not None:
@@ -64,7 +70,7 @@ class ResidualMLP(nn.Module):
         for block in self.blocks:
             z = block["norm"](h) + block["cond"](nn.functional.silu(emb))
             h = h + block["fc2"](nn.functional.silu(block["fc1"](z)))
-        return self.output(h).reshape(shape)
+        return self.output(h)  # (B, out_factor * numel): VarianceOutput.forward splits and reshapes
 
 
 @attrs.frozen(kw_only=True)
@@ -76,13 +82,16 @@ class MLP(Denoiser):
     embed_dim: int = attrs.field(default=64, validator=at_least(2), metadata=doc("size of the sinusoidal logSNR embedding"))
     max_period: float = attrs.field(default=1000.0, validator=greater_than(1.0), metadata=doc("longest period of the embedding, in logSNR units"))
     conditional: bool = attrs.field(default=False, metadata=doc("embed class labels when the data has them"))
+    learned_variance: bool = attrs.field(
+        default=False, metadata=doc("twice the outputs: the second half feeds a learned reverse variance (improved DDPM)")
+    )
 
     def uses_labels(self, spec) -> bool:
         return self.conditional and spec.num_classes > 0
 
     def build(self, context: BuildContext) -> nn.Module:
         classes = context.spec.num_classes if self.uses_labels(context.spec) else 0
-        return ResidualMLP(context.spec.numel, self.width, self.depth, self.embed_dim, classes, self.max_period)
+        return ResidualMLP(context.spec.numel, self.width, self.depth, self.embed_dim, classes, self.max_period, self.learned_variance)
 
 
 @hookimpl
