@@ -386,13 +386,22 @@ class Guidance(Component):
 
     ``denoise(predict, x, level, cond)`` returns the guided x0 estimate, calling
     ``predict`` as often as it needs. ``training_condition(cond, u)`` may drop conditions
-    during training (u: per-sample uniforms); the default keeps them.
+    during training (u: per-sample uniforms); the default keeps them. ``start(levels)``
+    gives each sampling run its own state (see there).
     """
 
     kind = "guidance"
 
     def training_condition(self, cond: Optional[torch.Tensor], u: torch.Tensor) -> Optional[torch.Tensor]:
         return cond
+
+    def start(self, levels: Optional[Sequence[Level]]) -> "Guidance":
+        """Called by the sampling driver once per sampling run (each batch), before the first
+        step, with the run's grid of levels (None where the caller does not know it); the run
+        then calls ``denoise`` on the returned object. A guidance that keeps state across
+        steps (a momentum) or needs the grid (the next level) returns a fresh object holding
+        it, so runs never share state; stateless guidances return ``self`` (the default)."""
+        return self
 
     @abc.abstractmethod
     def denoise(
