@@ -494,6 +494,14 @@ class Spacing(Component):
     @abc.abstractmethod
     def levels(self, schedule: Schedule, chain: Chain, steps: int) -> list[Level]: ...
 
+    def prepare(self, pipeline: Any, cache_dir: Optional[str]) -> "Spacing":
+        """Return the spacing ready to use with ``pipeline``'s model (called by
+        ``Pipeline.levels`` before ``levels``). A spacing that measures something with the
+        model (e.g. a per-step cost table) does it here and may cache the result as a file in
+        ``cache_dir`` (the run directory; None for a pipeline without one), keyed so that a
+        changed model is measured again. The default needs no model and returns ``self``."""
+        return self
+
 
 KIND_BASES: dict[str, type[Component]] = {
     "data": DataSet,

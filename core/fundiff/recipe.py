@@ -82,6 +82,10 @@ class SampleConfig:
     precision: Literal["fp32", "bf16", "fp16"] = attrs.field(
         default="fp32", metadata=doc("autocast precision of the denoiser while sampling (the state stays float32)")
     )
+    stop_logsnr: Optional[float] = attrs.field(
+        default=None,
+        metadata=doc("truncation: stop the sampler at this logSNR and return the denoiser's x0 estimate there (default: sample to clean data)"),
+    )
 
 
 OPTION_SECTIONS: dict[str, type] = {"train": TrainConfig, "sample": SampleConfig}

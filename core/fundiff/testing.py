@@ -50,6 +50,7 @@ from .components import (
     Parameterization,
     Sampler,
     Schedule,
+    Spacing,
     Weighting,
 )
 from .noiselevel import Level
@@ -66,6 +67,7 @@ __all__ = [
     "check_parameterization",
     "check_sampler",
     "check_schedule",
+    "check_spacing",
     "check_weighting",
     "conditioning",
     "gaussian_posterior_mean",
@@ -664,6 +666,64 @@ def check_sampler(
 
 
 # --------------------------------------------------------------------------------------
+# Step selection
+# --------------------------------------------------------------------------------------
+
+
+def check_spacing(
+    spacing: Spacing,
+    schedule: Optional[Schedule] = None,
+    chain: Optional[Chain] = None,
+    *,
+    steps: Sequence[int] = (1, 2, 3, 10, 50),
+) -> None:
+    """Check a spacing's contract on a schedule (default: logSNR linear from 15 to -15) and a
+    chain (default: the core VP math), for each number of ``steps``.
+
+    * ``levels(schedule, chain, steps)`` returns a list of ``steps + 1`` :class:`fundiff.Level`
+      objects holding Python floats (host-side: no device tensors in the sampling loop);
+    * strictly increasing logSNR (from noisy to clean), the last level clean (logSNR +inf,
+      sigma 0), every other one noisy (sigma > 0) and within the schedule's range
+      [lambda(1), lambda(t_min)] up to R U (1 + |lambda|), where the model was trained;
+    * every level is the chain's: alpha and sigma equal ``chain.level(logSNR)``'s within R U
+      relative;
+    * deterministic: a second call returns the same levels.
+    """
+    schedule = schedule or _LinearLogSNRSchedule()
+    chain = chain or _CoreVPChain()
+    lo = schedule.logsnr_at(1.0)
+    hi = schedule.logsnr_at(float(schedule.t_min))
+    for n in steps:
+        grid = spacing.levels(schedule, chain, n)
+        where = f"with {n} steps"
+        if not isinstance(grid, list) or len(grid) != n + 1:
+            _fail(spacing, f"levels must return a list of steps + 1 = {n + 1} levels {where}, got {type(grid).__name__} of length {len(grid) if hasattr(grid, '__len__') else '?'}")
+        for i, level in enumerate(grid):
+            if not isinstance(level, Level) or not all(type(v) is float for v in (level.logsnr, level.alpha, level.sigma)):
+                _fail(spacing, f"level {i} {where} must be a fundiff.Level of Python floats, got {level!r}")
+        logsnrs = [level.logsnr for level in grid]
+        if any(not b > a for a, b in zip(logsnrs, logsnrs[1:])):
+            i = next(i for i, (a, b) in enumerate(zip(logsnrs, logsnrs[1:])) if not b > a)
+            _fail(spacing, f"logSNR must increase strictly {where}: level {i} has {logsnrs[i]!r}, level {i + 1} has {logsnrs[i + 1]!r}")
+        if not (grid[-1].logsnr == math.inf and grid[-1].is_clean):
+            _fail(spacing, f"the last level must be clean (logSNR inf, sigma 0) {where}, got {grid[-1]!r}")
+        for i, level in enumerate(grid[:-1]):
+            if not level.sigma > 0:
+                _fail(spacing, f"level {i} {where} is clean before the last level: {level!r}")
+            slack = ROUNDINGS * U * (1 + abs(level.logsnr)) if math.isfinite(level.logsnr) else 0.0
+            if not (lo - slack <= level.logsnr <= hi + slack):
+                _fail(spacing, f"level {i} {where} has logSNR {level.logsnr!r}, outside the schedule's range [{lo}, {hi}]")
+        for i, level in enumerate(grid):
+            ref = chain.level(level.logsnr)
+            for what, a, b in (("alpha", level.alpha, ref.alpha), ("sigma", level.sigma, ref.sigma)):
+                if abs(a - b) > ROUNDINGS * U * abs(b):
+                    _fail(spacing, f"level {i} {where}: {what} {a!r} differs from chain.level(logSNR).{what} {b!r}")
+        again = spacing.levels(schedule, chain, n)
+        if again != grid:
+            _fail(spacing, f"levels is not deterministic {where}: two calls differ")
+
+
+# --------------------------------------------------------------------------------------
 # Noise
 # --------------------------------------------------------------------------------------
 
@@ -760,6 +820,7 @@ _CHECKS: dict[str, Callable[..., None]] = {
     "parameterization": check_parameterization,
     "weighting": check_weighting,
     "sampler": check_sampler,
+    "spacing": check_spacing,
 }
 #: component kinds :func:`check_component` has checks for
 COVERED_KINDS: tuple[str, ...] = tuple(_CHECKS)
@@ -769,7 +830,7 @@ def check_component(kind: str, component: Any, **context: Any) -> None:
     """Run the conformance check for ``kind`` on ``component``.
 
     ``context`` is passed on: ``chain=`` for parameterizations and samplers, ``schedule=``
-    and ``chain=`` for weightings. Raises :class:`ValueError` for a kind the kit has no
+    and ``chain=`` for weightings and spacings. Raises :class:`ValueError` for a kind the kit has no
     check for (see ``COVERED_KINDS``) and :class:`AssertionError` when the component is not
     an instance of the kind's base class or fails its check.
     """
