@@ -182,7 +182,7 @@ def _write_samples(path: str, samples, labels, fmt: str, metadata: dict[str, str
         atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
-def _sample_in_parts(pipeline, stem: str, *, quiet: bool):
+def _sample_in_parts(pipeline, stem: str, *, quiet: bool, truncation: Optional[dict] = None):
     """Sample batch by batch, writing each batch to ``STEM.parts/`` as it completes.
 
     A killed run resumes where it stopped: finished parts are read back (sample i depends only
@@ -209,6 +209,7 @@ def _sample_in_parts(pipeline, stem: str, *, quiet: bool):
             "guidance": pipeline.recipe.to_dict()["guidance"],
             "sample": {k: v for k, v in pipeline.recipe.to_dict()["sample"].items() if k not in ("num_samples", "format")},
             "step": pipeline.step,
+            "truncation": (truncation or {}).get("key"),
         },
         sort_keys=True,
     )
@@ -236,7 +237,8 @@ def _sample_in_parts(pipeline, stem: str, *, quiet: bool):
         for index, begin in enumerate(batches):
             count = min(options.batch_size, options.num_samples - begin)
             if index % world.size == world.rank and read_part(part_path(begin)) is None:
-                samples, labels = pipeline.sample(count, start=begin, batch_size=count)
+                extra = {k: v for k, v in (truncation or {}).items() if k != "key"}
+                samples, labels = pipeline.sample(count, start=begin, batch_size=count, **extra)
                 tensors = {"samples": samples.contiguous()}
                 if labels is not None:
                     tensors["labels"] = labels.contiguous()
@@ -274,16 +276,37 @@ def cmd_sample(args: argparse.Namespace) -> int:
         ("sample.format", args.format),
         ("guidance.name", args.guidance),
         ("spacing.name", args.spacing),
+        ("sample.stop_logsnr", args.stop_at),
     ):
         if value is not None:
             overrides[key] = value
+    truncation = None
+    if args.init is not None:  # image-to-image: start from the file's tensors partially noised
+        import hashlib
+
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(args.init)
+        except (SafetensorError, OSError) as exc:
+            raise FundiffError(f"--init {args.init}: not a readable safetensors file ({exc})") from None
+        init = tensors.get("samples", tensors.get("x", next(iter(tensors.values()), None)))
+        if init is None:
+            raise FundiffError(f"--init {args.init}: the file holds no tensors")
+        if args.num_samples is None and init.shape[0] > 1:
+            overrides["sample.num_samples"] = int(init.shape[0])
+        digest = hashlib.sha256(init.float().contiguous().numpy().tobytes()).hexdigest()
+        truncation = {"init": init.float(), "strength": args.strength, "key": f"{digest}:{args.strength}"}
+    elif args.strength != 1.0:
+        raise FundiffError("--strength needs --init (the tensors to start from)")
     pipeline = load_run(args.run_dir, registry=_registry(args), overrides=overrides)
     options = pipeline.recipe.sample
     sampler_name = pipeline.recipe.names["sampler"]
     stem = args.out or os.path.join(
         args.run_dir, "samples", f"{sampler_name.replace(':', '-')}-{pipeline.sampler.steps}steps-seed{options.seed}"
     )
-    result, parts = _sample_in_parts(pipeline, stem, quiet=args.quiet)
+    result, parts = _sample_in_parts(pipeline, stem, quiet=args.quiet, truncation=truncation)
     if result is None:  # a non-main rank of a distributed run: rank 0 writes the files
         return 0
     samples, labels = result
@@ -429,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampler steps")
     p.add_argument("--guidance", help="guidance name")
     p.add_argument("--spacing", help="step selection name (default: the recipe's, or t evenly spaced)")
+    p.add_argument("--init", metavar="FILE", help="truncation: start from these tensors (safetensors, key 'samples') partially noised")
+    p.add_argument("--strength", type=float, default=1.0, help="with --init: start at the level with t nearest this, in (0, 1] (default 1)")
+    p.add_argument("--stop-at", type=float, metavar="LOGSNR", help="truncation: stop at this logSNR and return the x0 estimate (sample.stop_logsnr)")
     p.add_argument("--seed", type=int, help="seed of the per-sample noise")
     p.add_argument("-n", "--num-samples", type=int, help="how many samples")
     p.add_argument("--batch-size", type=int, help="samples per batch (does not change the samples)")
