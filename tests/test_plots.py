@@ -25,3 +25,14 @@ def test_plot_cli_names_and_errors(tmp_path):
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:4] == b"\x89PNG"
     user_error(run_cli("plot", "schedules", "cosin", "--out", str(out)), "did you mean 'cosine'?")
+
+
+def test_report_draws_loss_samples_and_schedule(tmp_path):
+    from helpers import oracle_recipe
+    from test_cli import write_recipe
+
+    run = tmp_path / "run"
+    assert run_cli("train", write_recipe(tmp_path, oracle_recipe()), "--run-dir", str(run), "-q").returncode == 0
+    result = run_cli("report", str(run), "-n", "200")
+    assert result.returncode == 0, result.stderr
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"

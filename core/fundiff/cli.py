@@ -26,6 +26,7 @@ examples:
   fundiff check recipes/two-moons.yaml  validate a recipe without running it
   fundiff train recipes/two-moons.yaml --run-dir runs/two-moons
   fundiff sample runs/two-moons --sampler ddpm --steps 200 -n 2000
+  fundiff report runs/two-moons         loss curve, samples and schedule in one PNG
   fundiff plot schedules --out schedules.png
   fundiff likelihood runs/two-moons -n 1000   log-likelihood and bits/dim of held-out data
   fundiff -p no:gmm-oracle plugins      disable a plugin for one command
@@ -399,6 +400,34 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .pipeline import METRICS_FILE, load_run
+    from .plotting import plot_report
+
+    pipeline = load_run(args.run_dir, registry=_registry(args))
+    metrics = []
+    path = os.path.join(args.run_dir, METRICS_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    metrics.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+    samples, _ = pipeline.sample(args.num_samples, seed=args.seed, batch_size=args.num_samples)
+    out = args.out or os.path.join(args.run_dir, "report.png")
+    names = pipeline.recipe.names
+    title = (
+        f"{os.path.basename(os.path.normpath(args.run_dir))}: step {pipeline.step}; {names['denoiser']}, "
+        f"{names['parameterization']}, {names['weighting']}, {names['schedule']}/{names['chain']}; "
+        f"{names['sampler']} {pipeline.sampler.steps} steps"
+    )
+    reference = pipeline.data.x[:4000] if pipeline.spec.modality == "points" else None
+    plot_report(out, metrics, samples, pipeline.spec, pipeline.schedule, pipeline.chain, title, reference)
+    print(out)
+    return 0
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -465,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="do not write a picture")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("report", help="one PNG of a run: loss curve, samples, schedule")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("-n", "--num-samples", type=int, default=1000, help="samples to draw for the picture")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="PNG path (default RUN_DIR/report.png)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("plot", help="pictures of components: schedules or noise types")
     p.add_argument("what", choices=["schedules", "noise"])
     p.add_argument("names", nargs="*", metavar="NAME", help="components to draw (default: all registered)")

@@ -528,11 +528,17 @@ class Pipeline:
 # --------------------------------------------------------------------------------------
 
 
-def recipe_hash(recipe: Recipe) -> str:
-    resolved = recipe.to_dict()
+def recipe_hash(recipe: Union[Recipe, Mapping[str, Any]]) -> str:
+    """Hash of the training-relevant part of a resolved recipe (a Recipe or its stored dict).
+
+    Checkpoints carry it; loading compares it with the hash of the run's stored
+    ``recipe.yaml`` as written, so parameters added to components in later versions (with
+    defaults) do not orphan old runs."""
+    resolved = copy.deepcopy(dict(recipe.to_dict() if isinstance(recipe, Recipe) else recipe))
     for dotted in _RESUMABLE_CHANGES:
         section, key = dotted.split(".")
-        resolved[section].pop(key, None)
+        if isinstance(resolved.get(section), dict):
+            resolved[section].pop(key, None)
     for section in ("sample", "sampler", "guidance", "spacing"):  # sampling settings may change later
         resolved.pop(section, None)
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
@@ -548,8 +554,10 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Paths whose values differ; a parameter only the new recipe has (added to a component
+    since the run was written, at its default) is not a difference."""
     a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in _RESUMABLE_CHANGES and not k.startswith("sample."))
+    return sorted(k for k in a if a.get(k) != b.get(k) and k not in _RESUMABLE_CHANGES and not k.startswith("sample."))
 
 
 def _make_optimizer(pipeline: Pipeline) -> torch.optim.Optimizer:
@@ -683,8 +691,10 @@ def train(
     optimizer = _make_optimizer(pipeline) if pipeline.trainable else None
     if has_checkpoint:
         tensors, metadata = load_checkpoint(checkpoint_path)
-        if metadata.get("recipe_hash") != recipe_hash(recipe):
-            raise FundiffError(f"{checkpoint_path} was written for a different recipe; resume it with the run's recipe.yaml")
+        # the stored file as written, or the recipe as this version resolves it (the file is
+        # rewritten on resume, so a crash between the two writes leaves either)
+        if metadata.get("recipe_hash") not in (recipe_hash(stored), recipe_hash(recipe)):
+            raise FundiffError(f"{checkpoint_path} does not belong to the run's recipe.yaml (was the file edited?)")
         pipeline.load_state_tensors(tensors, optimizer)
         pipeline.step = int(metadata["step"])
         if world.is_main:
@@ -828,7 +838,7 @@ def load_run(
     recipe = load_recipe(stored, registry, overrides=overrides)
     pipeline = Pipeline(recipe, device=device or distributed.local_device(torch.device(recipe.sample.device)))
     tensors, metadata = load_checkpoint(os.path.join(run_dir, CHECKPOINT_FILE))
-    if metadata.get("recipe_hash") != recipe_hash(recipe):
+    if metadata.get("recipe_hash") not in (recipe_hash(stored), recipe_hash(recipe)):
         raise FundiffError(f"{run_dir}: the checkpoint does not belong to the run's recipe.yaml (was the file edited?)")
     pipeline.load_state_tensors(tensors)
     pipeline.step = int(metadata.get("step", 0))

@@ -164,3 +164,53 @@ def plot_noises(path: str, noises: "list[tuple[str, object]]", schedule, chain, 
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
     return skipped
+
+
+def plot_report(path: str, metrics: "list[dict]", samples: torch.Tensor, spec: DataSpec, schedule, chain, title: str, reference: Optional[torch.Tensor] = None) -> None:
+    """One PNG: the loss curve, a picture of samples, and the schedule used."""
+    plt = _pyplot()
+    fig = plt.figure(figsize=(15, 4.6), dpi=100)
+    ax = fig.add_subplot(1, 3, 1)
+    points = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    if points:
+        steps, losses = zip(*points)
+        ax.plot(steps, losses, color="#1f5fbf")
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title("training loss", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax = fig.add_subplot(1, 3, 2)
+    if spec.modality == "images" and len(spec.shape) == 3:
+        count = min(samples.shape[0], 36)
+        side = math.ceil(math.sqrt(count))
+        c, h, w = spec.shape
+        canvas = torch.full((c, side * h, side * w), -1.0)
+        for i in range(count):
+            r, q = divmod(i, side)
+            canvas[:, r * h : (r + 1) * h, q * w : (q + 1) * w] = samples[i].float().clamp(-1, 1)
+        image = (canvas + 1) / 2
+        ax.imshow(image[0] if c == 1 else image[:3].permute(1, 2, 0), cmap="gray" if c == 1 else None)
+        ax.axis("off")
+    else:
+        if reference is not None:
+            ref = reference.reshape(reference.shape[0], -1)[:, :2]
+            ax.scatter(ref[:, 0], ref[:, 1], s=2, c="#bbbbbb", alpha=0.5, linewidths=0, label="data")
+        pts = samples.reshape(samples.shape[0], -1)[:, :2]
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, c="#1f5fbf", alpha=0.7, linewidths=0, label="samples")
+        ax.set_aspect("equal")
+        ax.legend(fontsize=7, markerscale=4)
+    ax.set_title("samples", fontsize=9)
+    ax = fig.add_subplot(1, 3, 3)
+    t = torch.linspace(0.0, 1.0, 501, dtype=torch.float64)
+    with torch.no_grad():
+        logsnr = schedule.logsnr(t.clamp(min=schedule.t_min))
+    ax.plot(t, logsnr.clamp(-25, 25), color="#1f5fbf")
+    ax.set_xlabel("t")
+    ax.set_title("schedule: logSNR(t)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
