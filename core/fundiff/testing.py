@@ -65,10 +65,13 @@ __all__ = [
     "check_data",
     "check_noise",
     "check_parameterization",
+    "check_parameterization_agreement",
+    "check_stateful_weighting",
     "check_sampler",
     "check_schedule",
     "check_spacing",
     "check_weighting",
+    "check_weighting_equivalence",
     "conditioning",
     "gaussian_posterior_mean",
     "levels",
@@ -76,6 +79,8 @@ __all__ = [
     "roundoff_bound",
     "seeds",
     "shapes",
+    "target_log_weight",
+    "trainer_losses",
 ]
 
 #: float64 machine epsilon
@@ -500,6 +505,175 @@ def check_parameterization(
         c_in = torch.as_tensor(param.input_scale(a, s), dtype=torch.float64)
         if not (torch.isfinite(c_in).all() and (c_in > 0).all()):
             _fail(param, f"input_scale must be finite and > 0 ({family})")
+
+
+# --------------------------------------------------------------------------------------
+# Equivalences between parameterizations and weightings (properties for hypothesis)
+# --------------------------------------------------------------------------------------
+
+
+def _equivalence_cases(chain, logsnr, logsnr_range, seed, shape):
+    """(family label, lam, alpha, sigma, a, s, x0, eps, x0_hat, x_t, scale, tol, dims) per family."""
+    if logsnr is None:
+        lam = torch.linspace(logsnr_range[0], logsnr_range[1], 61, dtype=torch.float64)
+    else:
+        lam = torch.as_tensor(list(logsnr) if not isinstance(logsnr, (int, float)) else [logsnr], dtype=torch.float64)
+    n = lam.numel()
+    shape = tuple(shape)
+    x0 = 2.0 * _kit_normal(seed, 0, n, shape)
+    eps = _kit_normal(seed, 1, n, shape)
+    x0_hat = x0 + _kit_normal(seed, 2, n, shape)
+    dims = len(shape) + 1
+    scale = x0.abs().flatten(1).amax(1) + x0_hat.abs().flatten(1).amax(1) + eps.abs().flatten(1).amax(1)
+    for family, alpha_sigma in _alpha_sigma_families(chain):
+        alpha, sigma = alpha_sigma(lam)
+        a, s = noiselevel.append_dims(alpha, dims), noiselevel.append_dims(sigma, dims)
+        x_t = a * x0 + s * eps
+        tol = roundoff_bound(alpha, sigma, scale)
+        labels = [f"{family}, logsnr {v:.17g}" for v in lam.tolist()]
+        yield labels, lam, alpha, sigma, a, s, x0, eps, x0_hat, x_t, scale, tol, dims
+
+
+def check_parameterization_agreement(
+    p: Parameterization,
+    q: Parameterization,
+    chain: Optional[Chain] = None,
+    *,
+    logsnr: Optional[Sequence[float]] = None,
+    logsnr_range: tuple[float, float] = LOGSNR_RANGE,
+    seed: int = 0,
+    shape: Sequence[int] = (8,),
+) -> None:
+    """Check that two parameterizations describe the same denoiser (float64).
+
+    With x0, eps, x_t and a perturbed estimate x0_hat as in :func:`check_parameterization`, at
+    the logSNRs ``logsnr`` (default: 61 spanning ``logsnr_range``), for (alpha, sigma) of
+    ``chain`` (default: both core families):
+
+    * Q's target follows from P's ideal output: Q.from_x0(P.to_x0(P.target(x0, eps))) equals
+      Q.target(x0, eps), within :func:`roundoff_bound` times 2 (1 + |Q's output| / scale);
+    * D(x) is the same through P and Q: a network output o of P, re-expressed for Q as
+      Q.from_x0(P.to_x0(o)), gives the same x0 through Q.to_x0, for o = P.from_x0(x0_hat);
+      and P.to_x0(P.from_x0(x0_hat)) = Q.to_x0(Q.from_x0(x0_hat)) = x0_hat, within twice the
+      round-off bound (two conversions) in x0 units.
+
+    Pass ``logsnr=[lam]`` and ``seed``/``shape`` from hypothesis to check any noise level.
+    """
+    for labels, lam, alpha, sigma, a, s, x0, eps, x0_hat, x_t, scale, tol, dims in _equivalence_cases(chain, logsnr, logsnr_range, seed, shape):
+        tol = noiselevel.append_dims(tol, dims)
+        sc = noiselevel.append_dims(scale, dims)
+        who = f"{_name(p)} vs {_name(q)}"
+        q_target = q.target(x0, eps, x_t, a, s)
+        via_p = q.from_x0(p.to_x0(p.target(x0, eps, x_t, a, s), x_t, a, s), x_t, a, s)
+        q_scale = noiselevel.append_dims(q_target.abs().flatten(1).amax(1), dims)
+        tol_q = 2 * tol * (1 + q_scale / sc)
+        if not ((via_p - q_target).abs() <= tol_q).all():
+            raise AssertionError(f"{who}: Q.target != Q.from_x0(P.to_x0(P.target)): " + _first_mismatch(via_p, q_target, tol_q, labels))
+        out_p = p.from_x0(x0_hat, x_t, a, s)
+        d_p = p.to_x0(out_p, x_t, a, s)
+        d_q = q.to_x0(q.from_x0(d_p, x_t, a, s), x_t, a, s)
+        if not ((d_p - d_q).abs() <= 2 * tol).all():
+            raise AssertionError(f"{who}: D(x) through P != through Q for the same network output: " + _first_mismatch(d_q, d_p, 2 * tol, labels))
+        d_q_direct = q.to_x0(q.from_x0(x0_hat, x_t, a, s), x_t, a, s)
+        for what, d in (("P", d_p), ("Q", d_q_direct)):
+            if not ((d - x0_hat).abs() <= tol).all():
+                raise AssertionError(f"{who}: {what}.to_x0({what}.from_x0(x0_hat)) != x0_hat: " + _first_mismatch(d, x0_hat, tol, labels))
+
+
+def target_log_weight(weighting: Weighting, param: Parameterization, logsnr, alpha, sigma) -> torch.Tensor:
+    """log of the weight the trainer puts on ``param``'s own target MSE:
+    log w(lambda) - log_x0_mse_factor(alpha, sigma) (compare with a paper's per-target formula)."""
+    log_w = torch.as_tensor(weighting.log_x0_weight(logsnr, alpha, sigma), dtype=torch.float64)
+    return log_w - torch.as_tensor(param.log_x0_mse_factor(alpha, sigma), dtype=torch.float64)
+
+
+def trainer_losses(weighting: Weighting, param: Parameterization, out, x0, eps, x_t, logsnr, alpha, sigma) -> torch.Tensor:
+    """The trainer's per-example loss for network output ``out`` (B, ...) and per-sample
+    logSNR, alpha, sigma of shape (B,), as ``fundiff.Pipeline`` computes it (without the
+    per-sample log weight of ``weighting.draw``, which does not depend on the parameterization):
+    exp(log w - log factor) * mean((out - target)^2)."""
+    dims = out.ndim
+    a, s = noiselevel.append_dims(alpha, dims), noiselevel.append_dims(sigma, dims)
+    target = param.target(x0, eps, x_t, a, s)
+    weight = torch.exp(target_log_weight(weighting, param, logsnr, alpha, sigma))
+    return weight * ((out - target) ** 2).flatten(1).mean(1)
+
+
+def check_weighting_equivalence(
+    weighting: Weighting,
+    parameterizations: Sequence[Parameterization],
+    chain: Optional[Chain] = None,
+    *,
+    logsnr: Optional[Sequence[float]] = None,
+    logsnr_range: tuple[float, float] = LOGSNR_RANGE,
+    seed: int = 0,
+    shape: Sequence[int] = (8,),
+) -> None:
+    """Check that a weighting is one objective whatever the network predicts.
+
+    For each parameterization P and the same x0 estimate x0_hat (P's network output
+    P.from_x0(x0_hat)), the trainer's loss (:func:`trainer_losses`) equals
+    w(lambda) * mean((x0_hat - x0)^2): the weighting's stated x0-unit form. So all
+    parameterizations give the same number, and a weighting's per-target forms (e.g.
+    min(SNR, gamma) / SNR on the eps-MSE, min(SNR, gamma) / (SNR + 1) on the v-MSE) are the
+    x0 form divided by each target's MSE factor.
+
+    Relative tolerance per sample: twice the relative rounding of the output difference (its
+    round-off bound, in output units, over the difference's RMS) plus R U (1 + |lambda| +
+    |log w|) for the log weights and their exp. Logsnrs and families as in
+    :func:`check_parameterization_agreement`.
+    """
+    for labels, lam, alpha, sigma, a, s, x0, eps, x0_hat, x_t, scale, tol, dims in _equivalence_cases(chain, logsnr, logsnr_range, seed, shape):
+        log_w = torch.as_tensor(weighting.log_x0_weight(lam, alpha, sigma), dtype=torch.float64).expand(lam.shape)
+        reference = torch.exp(log_w) * ((x0_hat - x0) ** 2).flatten(1).mean(1)
+        for param in parameterizations:
+            out = param.from_x0(x0_hat, x_t, a, s)
+            target = param.target(x0, eps, x_t, a, s)
+            loss = trainer_losses(weighting, param, out, x0, eps, x_t, lam, alpha, sigma)
+            diff = (out - target).flatten(1)
+            rms = (diff**2).mean(1).sqrt()
+            out_scale = out.abs().flatten(1).amax(1) + target.abs().flatten(1).amax(1)
+            rel = 2 * tol * (1 + out_scale / scale) / rms + ROUNDINGS * U * (1 + lam.abs() + log_w.abs())
+            ratio = loss / reference
+            if not ((ratio - 1).abs() <= rel).all():
+                raise AssertionError(
+                    f"{_name(weighting)} with {_name(param)}: trainer loss / (w * x0-MSE) != 1: "
+                    + _first_mismatch(ratio, torch.ones_like(ratio), rel, labels)
+                )
+
+
+def check_stateful_weighting(weighting: Weighting, schedule: Optional[Schedule] = None, *, seed: int = 0, n: int = 256, steps: int = 40) -> None:
+    """Check the contract of a weighting's ``build_module()`` (for weightings that learn).
+
+    The module passes :func:`check_weighting`; ``draw`` returns float64 logSNRs of shape (B,)
+    and a per-sample log weight that is None or finite of shape (B,); after ``steps`` rounds
+    of draw + ``update(logsnr, losses)`` with synthetic losses (larger at high noise) it still
+    passes, and a fresh module loaded with its ``state_dict`` draws exactly the same values
+    (what a resumed run relies on). Weightings without a module pass trivially.
+    """
+    module = weighting.build_module()
+    if module is None:
+        return
+    if not isinstance(module, torch.nn.Module) or not callable(getattr(module, "update", None)):
+        _fail(weighting, "build_module() must return a torch.nn.Module with an update(logsnr, losses) method")
+    schedule = schedule or _LinearLogSNRSchedule()
+    check_weighting(module, schedule, seed=seed)
+    for step in range(steps):
+        u = _kit_uniform(seed, 10 + step, n)
+        logsnr, extra = module.draw(u, schedule)
+        if logsnr.shape != u.shape or logsnr.dtype != torch.float64:
+            _fail(weighting, f"module draw must return float64 logSNR of shape {tuple(u.shape)}, got {logsnr.dtype} {tuple(logsnr.shape)}")
+        if extra is not None and (extra.shape != u.shape or not torch.isfinite(extra).all()):
+            _fail(weighting, "module draw's per-sample log weight must be None or finite of shape (B,)")
+        losses = torch.exp(-0.25 * logsnr.detach()) * (1.0 + _kit_uniform(seed, 500 + step, n))
+        module.update(logsnr.detach(), losses)
+    check_weighting(module, schedule, seed=seed)
+    fresh = weighting.build_module()
+    fresh.load_state_dict(module.state_dict())
+    u = _kit_uniform(seed, 999, n)
+    first, again = module.draw(u, schedule), fresh.draw(u, schedule)
+    if not torch.equal(first[0], again[0]) or (first[1] is not None and not torch.equal(first[1], again[1])):
+        _fail(weighting, "a module restored from state_dict() draws differently from the original")
 
 
 # --------------------------------------------------------------------------------------
