@@ -143,6 +143,23 @@ def test_unip2_bh2_is_dpmpp_2m(registry, oracle):
     assert float((a - b).abs().max()) < ROUNDINGS * U * 30 * 1e3 * 3
 
 
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_terminal_snr_start(registry, oracle, name):
+    """A grid starting at alpha = 0 (logSNR = -inf, zero terminal SNR, Lin et al. 2024): the
+    first step is the exact limit, DDIM's x_s = alpha_s D + (sigma_s / sigma_t) x, for every
+    sampler here (noise-prediction forms divide by alpha; multistep weights see an infinite
+    step), and the rest of the run stays finite. Compared on a two-level grid, where it is
+    the whole run: equal to rounding of two products (2 U relative, ROUNDINGS U allowed)."""
+    x = start(64)
+    two = [vp(-math.inf), vp(-2.0)]
+    ddim = registry.build("sampler", "ddim", steps=1).sample(oracle, x, two)
+    ours = registry.build("sampler", name, steps=1).sample(oracle, x, two)
+    assert ((ours - ddim).abs() <= ROUNDINGS * U * (1.0 + ddim.abs())).all()
+    levels = [vp(-math.inf)] + grid(12, -10.0, 6.0, clean=True)
+    out = registry.build("sampler", name, steps=13).sample(oracle, x, levels)
+    assert torch.isfinite(out).all()
+
 # --------------------------------------------------------------------------------------
 # Convergence orders
 # --------------------------------------------------------------------------------------

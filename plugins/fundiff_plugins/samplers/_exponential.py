@@ -96,3 +96,23 @@ def solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
     for r in range(n - 1, -1, -1):
         out[r] = (a[r][n] - sum(a[r][c] * out[c] for c in range(r + 1, n))) / a[r][r]
     return out
+
+
+def zero_snr_start(denoise, x: torch.Tensor, levels, callback):
+    """Take the first step as DDIM when the first level has alpha = 0 (logSNR = -inf).
+
+    At a zero-terminal-SNR level (Lin et al. 2024) lam = -inf: noise-prediction forms divide
+    by alpha and multistep weights see an infinite step, but the exact solution's limit is
+    the DDIM step x_s = alpha_s D + (sigma_s / sigma_t) x (eps = x / sigma_t there). Returns
+    (x, levels, offset): the state after that step, the remaining levels and the callback
+    index offset (0 and the input unchanged when alpha > 0).
+    """
+    t = levels[0]
+    if t.alpha > 0.0 or len(levels) < 2:
+        return x, levels, 0
+    s = levels[1]
+    x0 = denoise(x, t)
+    x = x0 * s.alpha if s.is_clean else lincomb(((s.alpha, x0), (s.sigma / t.sigma, x)))
+    if callback is not None:
+        callback(0, x, x0)
+    return x, levels[1:], 1

@@ -24,7 +24,9 @@ DEIS replaces eps by the Lagrange polynomial through the last ``order`` evaluati
 
 Order 1 of either is DDIM. The paper's tAB-DEIS (a polynomial in the time t) needs each
 level's t, which a sampler does not receive (levels carry logSNR, alpha, sigma), so it is not
-offered. Warm-up: step i uses order min(order, i + 1). Weights are cached per grid.
+offered. Warm-up: step i uses order min(order, i + 1). Weights are cached per grid. A first
+level with alpha = 0 (zero terminal SNR, rho = inf) is left by a DDIM step, the exact limit
+there, and the polynomial history starts at the next level.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import doc, in_range, one_of
 
-from ._exponential import lincomb
+from ._exponential import lincomb, zero_snr_start
 
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(16)
 
@@ -87,8 +89,7 @@ class DEIS(Sampler):
     variant: str = attrs.field(default="rhoAB", validator=one_of("rhoAB", "lambdaAB"), metadata=doc("polynomial in rho = sigma / alpha (rhoAB) or in log rho = -logSNR / 2 (lambdaAB)"))
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
-        if levels[0].alpha <= 0.0:
-            raise ValueError("deis works with x / alpha, which needs alpha > 0 at the first level (got a zero-terminal-SNR start); use dpmpp-2m or unipc")
+        x, levels, offset = zero_snr_start(denoise, x, levels, callback)
         plan = deis_plan(tuple((lv.logsnr, lv.alpha, lv.sigma) for lv in levels), self.order, self.variant)
         history: list = []  # eps estimates, newest first
         for i, coefs in enumerate(plan):
@@ -98,7 +99,7 @@ class DEIS(Sampler):
             history = [eps] + history[: self.order - 1]
             x = lincomb([(coefs[0], x)] + [(c, history[j]) for j, c in enumerate(coefs[1:])])
             if callback is not None:
-                callback(i, x, x0)
+                callback(i + offset, x, x0)
         return x
 
 

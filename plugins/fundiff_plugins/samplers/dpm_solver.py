@@ -25,7 +25,8 @@ order; r1 is free. Inner levels lie on the chain of the step's end points
 costs ``order`` evaluations. The step onto the clean level (sigma = 0, lam = +inf) can only be
 first order (the inner points would sit at infinite lam); it returns alpha_0 times the x0
 estimate, as DDIM does. NFE = order * steps, or order * (steps - 1) + 1 on a grid that ends
-clean.
+clean. A first level with alpha = 0 (zero terminal SNR) is left by a DDIM step, the exact
+limit there (``_exponential.zero_snr_start``); the solver proper starts at the next level.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from fundiff import Level, Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc, in_range
 
-from ._exponential import lam, lincomb, level_between, phi
+from ._exponential import lam, lincomb, level_between, phi, zero_snr_start
 
 #: inner-evaluation fractions r of each order (Lu et al. 2022, Algorithms 1-2)
 FRACTIONS = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}
@@ -87,11 +88,6 @@ def inner_levels(t: Level, s: Level, fractions: Sequence[float]) -> list[Level]:
     return [level_between(t, s, t.logsnr + r * (s.logsnr - t.logsnr)) for r in fractions]
 
 
-def check_start(levels: Sequence[Level], name: str) -> None:
-    if levels[0].alpha <= 0.0:
-        raise ValueError(f"{name} works in noise-prediction form, which needs alpha > 0 at the first level (got a zero-terminal-SNR start); use dpmpp-2m, dpmpp-3m or unipc")
-
-
 class _PerStep:
     """``evaluations_per_step``: the instance's order; on the class, the default order's (3)."""
 
@@ -109,14 +105,14 @@ class DPMSolver(Sampler):
     order: int = attrs.field(default=3, validator=in_range(1, 3), metadata=doc("1 (= DDIM), 2 (inner point at r = 1/2) or 3 (r = 1/3, 2/3)"))
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
-        check_start(levels, "dpm-solver")
+        x, levels, offset = zero_snr_start(denoise, x, levels, callback)
         fractions = FRACTIONS[self.order]
         plan = [(levels[i], levels[i + 1], [] if levels[i + 1].is_clean else inner_levels(levels[i], levels[i + 1], fractions)) for i in range(len(levels) - 1)]
         for i, (t, s, inner) in enumerate(plan):
             x0 = denoise(x, t)
             x = x0 * s.alpha if s.is_clean else singlestep(denoise, x, x0, t, s, inner)
             if callback is not None:
-                callback(i, x, x0)
+                callback(i + offset, x, x0)
         return x
 
 

@@ -22,7 +22,8 @@ steps (accepted and rejected); reaching it is an error that names the tolerances
 The accept/reject decision reads one scalar per attempted step back from the device: the
 only host-device synchronisation in the family, inherent to error control. E is a maximum
 over the batch, so the steps taken, hence each sample, depend on the rest of the batch
-(unlike the fixed-grid samplers); callbacks report accepted steps.
+(unlike the fixed-grid samplers); callbacks report accepted steps. A first level with
+alpha = 0 (zero terminal SNR) is left by a DDIM step, the exact limit there.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc, greater_than, in_range
 
-from ._exponential import lam, level_between
-from .dpm_solver import check_start, singlestep
+from ._exponential import lam, level_between, zero_snr_start
+from .dpm_solver import singlestep
 
 
 @attrs.frozen(kw_only=True)
@@ -45,6 +46,8 @@ class DPMSolverAdaptive(Sampler):
     """DPM-Solver-23 with error control: step sizes in logSNR chosen from rtol / atol."""
 
     requires = frozenset({GAUSSIAN_MARGINALS, ADDITIVE_NOISE})
+    #: the error norm is a maximum over the batch: a sample's steps depend on its batch
+    couples_batch = True
     steps: int = attrs.field(default=50, validator=at_least(1), metadata=doc("grid size only: integration ends at the grid's last noisy level"))
     rtol: float = attrs.field(default=0.05, validator=greater_than(0.0), metadata=doc("relative tolerance of the local error estimate"))
     atol: float = attrs.field(default=0.0078, validator=greater_than(0.0), metadata=doc("absolute tolerance (0.0078 ~ 1/128 of data in [-1, 1], Lu et al.)"))
@@ -53,12 +56,12 @@ class DPMSolverAdaptive(Sampler):
     max_steps: int = attrs.field(default=1000, validator=at_least(1), metadata=doc("cap on attempted steps (accepted + rejected)"))
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
-        check_start(levels, "dpm-solver-adaptive")
+        x, levels, offset = zero_snr_start(denoise, x, levels, callback)
         final = levels[-1] if levels[-1].is_clean else None
         end = levels[-2] if final is not None else levels[-1]
         t, x_prev, h = levels[0], x, self.h_init
         lam_end = lam(end)
-        attempts = accepted = 0
+        attempts, accepted = 0, offset
         while t is not end:
             if attempts == self.max_steps:
                 raise RuntimeError(

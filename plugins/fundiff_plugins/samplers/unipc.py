@@ -22,6 +22,8 @@ corrector, p without. The next predictor starts from the corrected x_s^c. The fi
 no corrector (it would need one more evaluation). Warm-up: step i uses order min(p, i + 1);
 ``lower_order_final`` lowers the order near the end as the authors' code does, min(p, steps
 left), for stability at few steps. The step onto a clean level is first order (x = alpha_0 m_0).
+A first level with alpha = 0 (zero terminal SNR, lam = -inf) is left by a DDIM step, the
+exact limit there, and the multistep history starts at the next level.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import doc, in_range, one_of
 
-from ._exponential import lam, lincomb, phi, solve
+from ._exponential import lam, lincomb, phi, solve, zero_snr_start
 
 
 def _weights(hh: float, rks: list[float], variant: str, corrector: bool) -> tuple[float, float, list[float]]:
@@ -103,6 +105,7 @@ class UniPC(Sampler):
         return plan
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
+        x, levels, offset = zero_snr_start(denoise, x, levels, callback)
         history: list = []  # x0 estimates, newest first
         x_last = None
         for i, (p, pred, corr) in enumerate(self.plan(levels)):
@@ -114,7 +117,7 @@ class UniPC(Sampler):
             x_last = x
             x = lincomb([(pred[1], m), (pred[0], x)] + [(c, history[k]) for k, c in enumerate(pred[2:], start=1)])
             if callback is not None:
-                callback(i, x, m)
+                callback(i + offset, x, m)
         return x
 
 
