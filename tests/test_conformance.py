@@ -30,9 +30,23 @@ def test_registry_has_components_of_every_covered_kind():
 
 
 @pytest.mark.parametrize("kind, name", COMPONENTS, ids=[f"{k}/{n}" for k, n in COMPONENTS])
-def test_component_conforms(registry, kind, name):
-    """check_component(kind, component) with default parameters."""
-    check_component(kind, registry.build(kind, name))
+def test_component_conforms(registry, kind, name, tmp_path):
+    """check_component(kind, component) with default parameters (plus the required ones of
+    components that have some, from REQUIRED_EXAMPLES)."""
+    params = REQUIRED_EXAMPLES[(kind, name)](tmp_path) if (kind, name) in REQUIRED_EXAMPLES else {}
+    check_component(kind, registry.build(kind, name, **params))
+
+
+def _points_file(tmp_path) -> dict:
+    import numpy as np
+
+    path = tmp_path / "points.npz"
+    np.savez(path, x=np.random.default_rng(0).normal(size=(256, 2)).astype(np.float32))
+    return {"path": str(path)}
+
+
+#: parameters without defaults, for the components that have them
+REQUIRED_EXAMPLES = {("data", "tensor-file"): _points_file}
 
 
 @pytest.mark.parametrize("kind, name, partner", PAIRED, ids=[f"{k}/{n}+{p}" for k, n, p in PAIRED])

@@ -25,7 +25,19 @@ EXERCISED: set[tuple[str, ...]] = set()
 REFUSED: set[tuple[str, ...]] = set()
 
 #: keep every drawn model, data set and run tiny; applied only where the component has the field
-TINY = {"width": 16, "depth": 1, "hidden": 8, "n": 512, "embed_dim": 8, "num_steps": 100, "size": 8, "steps": 3}
+TINY = {
+    "width": 16,
+    "depth": 1,
+    "hidden": 8,
+    "n": 512,
+    "embed_dim": 8,
+    "num_steps": 100,
+    "size": 8,
+    "steps": 3,
+    "channels": 8,
+    "num_groups": 4,
+    "heads": 2,
+}
 
 
 def _section(kind: str, name: str) -> dict:
@@ -39,7 +51,8 @@ def _section(kind: str, name: str) -> dict:
 
 
 @st.composite
-def recipes(draw) -> dict:
+def raw_recipes(draw) -> dict:
+    """One component per kind, each drawn independently (most such recipes are refused)."""
     recipe = {}
     for kind in fundiff.KINDS:
         names = REGISTRY.names(kind)
@@ -50,6 +63,29 @@ def recipes(draw) -> dict:
             recipe[kind] = _section(kind, name)
     recipe["train"] = {"steps": 2, "batch_size": 8}
     recipe["sample"] = {"num_samples": 4, "batch_size": 4}
+    return recipe
+
+
+@st.composite
+def recipes(draw) -> dict:
+    """Drawn recipes repaired towards validity: while the registry refuses one, redraw the
+    component of a section the refusal names (never the one drawn before), so the fuzzer
+    spends its examples on combinations that load, and still records the refusals."""
+    recipe = draw(raw_recipes())
+    for _ in range(12):
+        try:
+            fundiff.load_recipe(recipe, REGISTRY)
+            return recipe
+        except fundiff.RecipeError as err:
+            REFUSED.add(_combination(recipe))
+            kinds = sorted({path.split(".")[0] for path, _ in err.problems if path.split(".")[0] in fundiff.KINDS})
+            if not kinds:
+                return recipe
+            kind = draw(st.sampled_from(kinds))
+            others = [n for n in REGISTRY.names(kind) if n != recipe.get(kind, {}).get("name")]
+            if not others:
+                return recipe
+            recipe[kind] = _section(kind, draw(st.sampled_from(others)))
     return recipe
 
 
@@ -76,14 +112,15 @@ def test_drawn_recipes_train_and_sample_or_are_refused(recipe):
     assert samples.shape == (4, *pipeline.spec.shape)
     assert torch.isfinite(samples).all(), recipe
     EXERCISED.add(_combination(recipe))
-    REPORT["fuzzed recipes"] = f"{len(EXERCISED)} distinct valid combinations trained and sampled, {len(REFUSED)} refused"
+    REPORT["fuzzed recipes"] = f"{len(EXERCISED)} distinct valid combinations trained and sampled, {len(REFUSED)} refused with a RecipeError"
+    assert len(EXERCISED) >= 1
 
 
 FAULTS = st.sampled_from(["unknown-name", "unknown-key", "wrong-type", "negative-steps", "not-a-mapping", "missing-section", "bad-train"])
 
 
 @settings(max_examples=60, deadline=None)
-@given(recipe=recipes(), fault=FAULTS, kind=st.sampled_from([k for k in fundiff.KINDS if k not in OPTIONAL_KINDS]))
+@given(recipe=raw_recipes(), fault=FAULTS, kind=st.sampled_from([k for k in fundiff.KINDS if k not in OPTIONAL_KINDS]))
 def test_broken_recipes_are_refused_with_a_recipe_error(recipe, fault, kind):
     if fault == "unknown-name":
         recipe[kind]["name"] = recipe[kind]["name"] + "-nope"
