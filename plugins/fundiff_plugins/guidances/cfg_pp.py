@@ -22,10 +22,11 @@ because s is less noisy than t; rho = 0 at the last step onto clean data, where 
 This guidance returns that x0_hat, which makes a deterministic DDIM step (and the samplers
 equal to it: Euler in sigma space, first-order DPM-Solver) reproduce the CFG++ update
 exactly. It needs the next level, so it reads the run's grid from ``start(levels)``; an
-evaluation between grid points uses the next grid level above it. With higher-order,
-multistep or stochastic samplers the result is CFG with that scale schedule, not the
-paper's update (their renoising term is not sigma_s eps_hat); this is the documented
-deviation.
+evaluation between grid points (multi-stage or adaptive solvers) uses the scale of the grid
+step it falls in, so the scale is piecewise constant over the run and bounded. With
+higher-order, multistep, adaptive or stochastic samplers the result is CFG with that scale
+schedule, not the paper's update (their re-noising term is not sigma_s eps_hat); this is the
+documented deviation.
 """
 
 from __future__ import annotations
@@ -57,11 +58,14 @@ class _CFGPPRun:
                 "guidance 'cfg-pp' needs the sampling grid to find each step's next level: build the "
                 "denoiser with fundiff.make_denoise(..., levels=levels) (Pipeline.sample does)"
             )
-        index = bisect.bisect_right(self.logsnrs, level.logsnr)
-        if index == len(self.logsnrs) or not (level.sigma > 0.0 and level.alpha > 0.0):
-            return self.scale  # no next level, or eps_u = x / sigma (alpha = 0): rho = 0
-        nxt = self.levels[index]
-        rho = (nxt.sigma * level.alpha) / (nxt.alpha * level.sigma)
+        # the grid step [t, s) holding this evaluation: at a grid level t itself, its own step
+        index = max(bisect.bisect_right(self.logsnrs, level.logsnr), 1)
+        if index == len(self.logsnrs):
+            return self.scale  # at or beyond the last level: nothing is re-noised, rho = 0
+        t, s = self.levels[index - 1], self.levels[index]
+        if not (t.sigma > 0.0 and t.alpha > 0.0):
+            return self.scale  # alpha_t = 0: eps_u = x / sigma_t, rho = 0
+        rho = (s.sigma * t.alpha) / (s.alpha * t.sigma)
         return self.scale / (1.0 - rho)
 
     def denoise(self, predict, x, level, cond):
