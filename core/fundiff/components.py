@@ -428,6 +428,9 @@ class Sampler(Component):
     """
 
     kind = "sampler"
+    #: True for samplers whose step-size control reads the whole batch (adaptive solvers):
+    #: they are exempt from the per-sample contract, so sample i depends on its batch
+    couples_batch: ClassVar[bool] = False
     steps: int = attrs.field(default=50, validator=_at_least_one, metadata={"doc": "number of steps"})
 
     @abc.abstractmethod
