@@ -25,8 +25,9 @@ GAUSSIAN_MIXTURE_DATA = "gaussian-mixture-data"
 
 
 class MixtureDenoiser(nn.Module):
-    def __init__(self, weights, means, stds, chain, parameterization):
+    def __init__(self, weights, means, stds, chain, parameterization, conditional: bool = True):
         super().__init__()
+        self.conditional = conditional
         self.register_buffer("log_weights", weights.log(), persistent=False)
         self.register_buffer("means", means, persistent=False)
         self.register_buffer("variances", stds**2, persistent=False)
@@ -59,7 +60,7 @@ class MixtureDenoiser(nn.Module):
         alpha, sigma = alpha[:, None], sigma[:, None]
         x_in = x.reshape(shape[0], -1).to(torch.float64)
         x_t = x_in / self.parameterization.input_scale(alpha, sigma)
-        x0 = self.posterior_mean(x_t, alpha, sigma, cond)
+        x0 = self.posterior_mean(x_t, alpha, sigma, cond if self.conditional else None)
         out = self.parameterization.from_x0(x0, x_t, alpha, sigma)
         return out.to(dtype).reshape(shape)
 
@@ -78,7 +79,9 @@ class GMMOracle(Denoiser):
 
     def build(self, context: BuildContext) -> nn.Module:
         weights, means, stds = context.components["data"].mixture()
-        return MixtureDenoiser(weights, means, stds, context.components["chain"], context.components["parameterization"])
+        return MixtureDenoiser(
+            weights, means, stds, context.components["chain"], context.components["parameterization"], self.conditional
+        )
 
 
 @hookimpl
