@@ -30,6 +30,7 @@ examples:
   fundiff plot schedules --out schedules.png
   fundiff likelihood runs/two-moons -n 1000   log-likelihood and bits/dim of held-out data
   fundiff -p no:gmm-oracle plugins      disable a plugin for one command
+  fundiff new-plugin my-designs --kind schedule --kind sampler   scaffold a plugin distribution
 """
 
 
@@ -428,6 +429,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from .scaffold import new_plugin
+
+    print(new_plugin(args.name, args.kind or (), args.dir))
+    return 0
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -521,6 +529,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_train_classifier)
+    p = sub.add_parser(
+        "new-plugin",
+        help="scaffold a plugin distribution fundiff-NAME with a working example per kind",
+        description="Write DIR/fundiff-NAME: pyproject with entry points, one module per kind, tests, README.",
+    )
+    p.add_argument("name", metavar="NAME", help="plugin name: lower case, words joined by hyphens")
+    p.add_argument("--kind", action="append", metavar="KIND", help=f"component kind to include (repeatable; default all: {', '.join(KINDS)})")
+    p.add_argument("--dir", default=".", help="where to create the project (default: the current directory)")
+    p.set_defaults(func=cmd_new_plugin)
     return parser
 
 
