@@ -27,7 +27,8 @@ In x-space, with r = alpha_s s_s^2 / (alpha_t s_t^2) = alpha_t sigma_s^2 / (alph
 
 which keeps every coefficient bounded even where alpha_t is tiny. All coefficients are host
 floats. The last step, onto the clean level (sigma = 0), returns alpha C x0_hat there, which
-is x0_hat for operators that are the identity at the clean level.
+is x0_hat for operators that are the identity at the clean level. A noise source without
+``corrupt`` (a plain stream) stands for additive Gaussian noise: C is the identity.
 """
 
 from __future__ import annotations
@@ -51,13 +52,15 @@ class SoftMomentum(Sampler):
     )
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
-        if noise is None or not hasattr(noise, "corrupt"):
-            raise ValueError("soft-momentum needs the pipeline's noise source (noise.sample and noise.corrupt)")
+        if noise is None:
+            raise ValueError("soft-momentum needs a noise source (noise.sample, and noise.corrupt for an operator)")
+        # a plain stream (no operator) is additive Gaussian noise: C is the identity
+        corrupt = getattr(noise, "corrupt", None) or (lambda x0, level: x0)
         for i in range(len(levels) - 1):
             t, s = levels[i], levels[i + 1]
             x0 = denoise(x, t)
             if s.is_clean:
-                x = s.alpha * noise.corrupt(x0, s)
+                x = s.alpha * corrupt(x0, s)
             else:
                 # s_s^2 / s_t^2 = exp(lambda_t - lambda_s) <= 1 on a decreasing-noise grid
                 ratio = math.exp(t.logsnr - s.logsnr)
@@ -66,7 +69,7 @@ class SoftMomentum(Sampler):
                     c = s.sigma * math.sqrt(max(1.0 - ratio, 0.0))  # alpha_s s_s sqrt(1 - ratio)
                 else:
                     c = s.alpha * (t.sigma / t.alpha) * math.sqrt(max(1.0 - ratio, 0.0))  # alpha_s sqrt(s_t^2 - s_s^2)
-                x = s.alpha * noise.corrupt(x0, s) + r * (x - t.alpha * noise.corrupt(x0, t))
+                x = s.alpha * corrupt(x0, s) + r * (x - t.alpha * corrupt(x0, t))
                 if c > 0:
                     x = x + c * noise.sample(i)
             if callback is not None:
