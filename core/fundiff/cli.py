@@ -30,6 +30,7 @@ examples:
   fundiff plot schedules --out schedules.png
   fundiff likelihood runs/two-moons -n 1000   log-likelihood and bits/dim of held-out data
   fundiff -p no:gmm-oracle plugins      disable a plugin for one command
+  fundiff convert diffusers-config scheduler_config.json --to-recipe sd.yaml
   fundiff new-plugin my-designs --kind schedule --kind sampler   scaffold a plugin distribution
 """
 
@@ -436,6 +437,43 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """diffusers scheduler config <-> recipe sections (the converter ships with the built-in plugins)."""
+    try:
+        from fundiff_plugins.interop import diffusers_config as interop
+    except ImportError as exc:
+        raise FundiffError(f"convert needs the built-in plugins' interop module: {exc}") from None
+    from .checkpoint import atomic_write_text
+
+    if args.what == "diffusers-config":
+        if args.to_diffusers_config:
+            raise FundiffError("convert diffusers-config FILE.json takes --to-recipe OUT.yaml, not --to-diffusers-config")
+        sections = interop.recipe_from_diffusers_config(interop.read_config(args.file))
+        for note in sections.get("notes", []):
+            print(f"fundiff: note: {note}", file=sys.stderr)
+        text = yaml.safe_dump({k: v for k, v in sections.items() if k != "notes"}, sort_keys=False)
+        if args.to_recipe:
+            atomic_write_text(args.to_recipe, text)
+            print(args.to_recipe)
+        else:
+            print(text, end="")
+        return 0
+    if args.to_recipe:
+        raise FundiffError("convert recipe RECIPE.yaml takes --to-diffusers-config OUT.json, not --to-recipe")
+    try:
+        with open(args.file, encoding="utf-8") as handle:
+            recipe = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError) as exc:
+        raise FundiffError(f"{args.file}: not a readable YAML recipe ({exc})") from None
+    text = json.dumps(interop.diffusers_config_from_recipe(recipe or {}), indent=2) + "\n"
+    if args.to_diffusers_config:
+        atomic_write_text(args.to_diffusers_config, text)
+        print(args.to_diffusers_config)
+    else:
+        print(text, end="")
+    return 0
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -538,6 +576,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", action="append", metavar="KIND", help=f"component kind to include (repeatable; default all: {', '.join(KINDS)})")
     p.add_argument("--dir", default=".", help="where to create the project (default: the current directory)")
     p.set_defaults(func=cmd_new_plugin)
+    p = sub.add_parser(
+        "convert",
+        help="convert a diffusers scheduler config to recipe sections, or a recipe to a diffusers config",
+        description="diffusers-config FILE.json [--to-recipe OUT.yaml] | recipe RECIPE.yaml [--to-diffusers-config OUT.json]",
+    )
+    p.add_argument("what", choices=["diffusers-config", "recipe"], help="what FILE is")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--to-recipe", metavar="OUT.yaml", help="write the schedule/parameterization/sampler/spacing sections here")
+    p.add_argument("--to-diffusers-config", metavar="OUT.json", help="write the diffusers scheduler config here")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Interoperability with other libraries' formats (plain modules; no component is registered here)."""
