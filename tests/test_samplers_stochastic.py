@@ -427,3 +427,27 @@ def test_samplers_reproduce_the_mixture(registry, sampler):
     _, means, _ = p.data_set.mixture()
     freq = torch.bincount(torch.cdist(samples, means).argmin(1), minlength=8).double() / N
     assert (freq - 1 / 8).abs().max() < 4 * math.sqrt((1 / 8) * (7 / 8) / N), freq
+
+
+def test_zero_terminal_snr(registry):
+    """A schedule with zero terminal SNR (Lin et al. 2024: alpha = 0 at the first level) is
+    sampled by the samplers whose x-space coefficients stay finite there (euler-ancestral,
+    dpmpp-2s-ancestral, dpmpp-2m-sde and dpmpp-3m-sde with eta = 0 or 1: a first step to
+    alpha_s D plus noise) and refused at load time by those whose first step is undefined
+    (euler-maruyama: infinite variance; pc: its small-step predictors)."""
+    schedule = {"name": "zero-terminal-snr", "base": "linear"}
+    for sampler in (
+        {"name": "euler-ancestral", "steps": 20},
+        {"name": "dpmpp-2s-ancestral", "steps": 10},
+        {"name": "dpmpp-2m-sde", "steps": 20, "eta": 0.0},
+        {"name": "dpmpp-2m-sde", "steps": 20, "solver_type": "heun"},
+        {"name": "dpmpp-3m-sde", "steps": 20, "eta": 0.0},
+        {"name": "dpmpp-3m-sde", "steps": 20, "noise": "brownian"},
+    ):
+        p = pipeline(registry, schedule=schedule, parameterization="v", sampler=sampler)
+        assert p.levels()[0].alpha == 0.0
+        samples, _ = p.sample(200, seed=1, batch_size=200, dtype=torch.float64)
+        assert torch.isfinite(samples).all() and samples.std() > 0.5, sampler
+    for name in ("euler-maruyama", "pc"):
+        with pytest.raises(RecipeError, match="zero terminal SNR"):
+            fundiff.load_recipe(oracle_recipe(schedule=schedule, parameterization="v", sampler={"name": name}), registry)

@@ -85,3 +85,20 @@ def _alternating_series(x: float, start: int) -> float:
         term *= -x / (j + start - 1)
         if abs(term) <= 1e-17 * abs(total) or term == 0.0:
             return total
+
+
+def refuse_zero_terminal_snr(name: str, components, why: str) -> list[str]:
+    """A problem when the recipe's schedule reaches zero SNR (logSNR(1) = -inf, alpha = 0)."""
+    schedule = components.get("schedule")
+    if schedule is None:
+        return []
+    try:
+        terminal = schedule.logsnr_at(1.0)
+    except Exception:  # noqa: BLE001 - a broken schedule is reported by its own checks
+        return []
+    if terminal == -math.inf:
+        return [
+            f"sampler '{name}' cannot start at zero terminal SNR (schedule {type(schedule).__name__} has logSNR = -inf "
+            f"at t = 1): {why}; use euler-ancestral, dpmpp-2m-sde or dpmpp-3m-sde, or a schedule with a finite end"
+        ]
+    return []

@@ -15,6 +15,8 @@ step it is DDPM's posterior step exactly); eta = 0 is the deterministic DPM-Solv
 ``midpoint`` (k-diffusion's ``sample_dpmpp_2m``) and diffusers' ``heun`` 2M variant with
 ``heun``. In x-space the factor e^(-h) alpha_s / alpha_t is sigma_s / sigma_t and the noise
 scale alpha_s s~_s is sigma_s. The last step, onto the clean level, returns alpha D there.
+A first level at zero SNR (alpha = 0, h = inf) gives a first step to alpha_s D plus the
+posterior noise, and no history correction after it (r = inf).
 ``noise: brownian`` uses a per-sample Brownian tree (k-diffusion defaults to one here).
 """
 
@@ -61,7 +63,7 @@ class DPMpp2MSDE(Sampler):
                 r = h_last / h
                 c_diff = s.alpha * (0.5 * -math.expm1(-h_eta) if self.solver_type == "midpoint" else phi2(h_eta)) / r
             c_z = self.s_noise * s.sigma * math.sqrt(-math.expm1(-2.0 * self.eta * h)) if self.eta > 0 else 0.0
-            plans.append(((s.sigma / t.sigma) * math.exp(-self.eta * h), c_d, c_diff, c_z))
+            plans.append(((s.sigma / t.sigma) * (math.exp(-self.eta * h) if self.eta > 0 else 1.0), c_d, c_diff, c_z))
             h_last = h
         return plans
 

@@ -15,7 +15,9 @@ lambda_t) / 2, lambda_down = -2 log s~_down) with the midpoint lambda_m = lambda
 x_s = (sigma_s s~_down / (s~_s sigma_t)) x_t + alpha_s (1 - e^(-h)) D(x_m) + s_noise sigma_s
 (s~_up / s~_s) z. The midpoint level is off the grid; its (alpha, sigma) come from the two
 neighbours' chain (``_sde.inner_level``: exact on VP and VE chains). Where s~_down = 0 (the
-last step, onto the clean level) the step is the Euler step to D, as in k-diffusion.
+last step, onto the clean level) the step is the Euler step to D, as in k-diffusion; from
+a level at zero SNR (alpha = 0, h = inf) there is no midpoint and the step is the
+first-order one, x_s = (sigma_s s~_down / (s~_s sigma_t)) x_t + alpha_s D(x_t) (DDIM).
 
 Evaluations: 2 per step (``evaluations_per_step``), 1 on the last step; ``steps`` is the
 number of grid steps. eta = 0 gives the deterministic DPM-Solver++(2S).
@@ -59,6 +61,8 @@ class DPMpp2SAncestral(Sampler):
         c_z = self.s_noise * s.sigma * up
         if down == 0.0:
             return None, None, (0.0, s.alpha), c_z
+        if t.alpha == 0.0:  # zero SNR at t: h = inf, no midpoint; the first-order (DDIM) step
+            return None, None, (s.sigma * down / t.sigma, s.alpha), c_z
         lam_down = s.logsnr - 2.0 * math.log(down)
         h = 0.5 * (lam_down - t.logsnr)
         mid = inner_level(t, s, t.logsnr + h)
@@ -72,7 +76,7 @@ class DPMpp2SAncestral(Sampler):
         for i, (mid, stage1, (a2, b2), c_z) in enumerate(plans):
             x0 = denoise(x, levels[i])
             if mid is None:
-                x_new = b2 * x0
+                x_new = b2 * x0 if a2 == 0.0 else a2 * x + b2 * x0
             else:
                 x_mid = stage1[0] * x + stage1[1] * x0
                 x_new = a2 * x + b2 * denoise(x_mid, mid)

@@ -77,7 +77,7 @@ class DPMpp3MSDE(Sampler):
                 w0 += p2 / r
                 w1 -= p2 / r
             c_z = self.s_noise * s.sigma * math.sqrt(-math.expm1(-2.0 * self.eta * h)) if self.eta > 0 else 0.0
-            plans.append(((s.sigma / t.sigma) * math.exp(-self.eta * h), s.alpha * w0, s.alpha * w1, s.alpha * w2, c_z))
+            plans.append(((s.sigma / t.sigma) * (math.exp(-self.eta * h) if self.eta > 0 else 1.0), s.alpha * w0, s.alpha * w1, s.alpha * w2, c_z))
             hist.insert(0, h)
         return plans
 

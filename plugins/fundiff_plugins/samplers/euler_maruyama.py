@@ -21,7 +21,8 @@ Maruyama in another clock (t of a VP-SDE, or lambda) differs at O(step^2) per st
 is stable for any step (0 < rho <= 1) and needs only the levels. Strong order 1/2, weak
 order 1: use many steps. The last step, onto the clean level, returns alpha D there
 (Song et al.'s final noise-free denoising step; an Euler-Maruyama step would add noise of
-variance s~_t^2 to the data). The first level needs alpha > 0 (finite tau).
+variance s~_t^2 to the data). The first level needs alpha > 0 (finite tau): recipes whose
+schedule reaches zero terminal SNR are refused.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from fundiff import Sampler, hookimpl
 from fundiff.brownian import StepNoise
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 
-from ._sde import brownian_needs_gaussian, noise_field
+from ._sde import brownian_needs_gaussian, noise_field, refuse_zero_terminal_snr
 
 
 def euler_maruyama_coefficients(t, s) -> tuple[float, float, float]:
@@ -56,7 +57,9 @@ class EulerMaruyama(Sampler):
     noise: str = noise_field()
 
     def check_recipe(self, components):
-        return brownian_needs_gaussian(self, components)
+        return brownian_needs_gaussian(self, components) + refuse_zero_terminal_snr(
+            "euler-maruyama", components, "its first step's variance (sigma / alpha)^2 is infinite where alpha = 0"
+        )
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
         coefs = [euler_maruyama_coefficients(levels[i], levels[i + 1]) for i in range(len(levels) - 1)]

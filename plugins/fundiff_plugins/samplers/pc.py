@@ -30,7 +30,8 @@ predictor step of the reverse SDE goes to the next level s:
   tau = (sigma / alpha)^2).
 
 The last step onto the clean level returns alpha D there (Song et al.'s final denoising
-step) and no corrector runs at the clean level. Evaluations per step: 1 + corrector_steps
+step) and no corrector runs at the clean level. Schedules with zero terminal SNR are refused
+(both predictors approximate small steps, and the first step from alpha = 0 is not one). Evaluations per step: 1 + corrector_steps
 (``evaluations_per_step``); ``steps`` is the number of predictor steps. Fresh noise draw
 indices: (1 + corrector_steps) i + j for corrector step j at level i, (1 + corrector_steps) i
 + corrector_steps for the predictor, so ``corrector_steps: 0`` with the Euler-Maruyama
@@ -48,6 +49,7 @@ from fundiff import Sampler, hookimpl, noiselevel
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc, greater_than, one_of
 
+from ._sde import refuse_zero_terminal_snr
 from .euler_maruyama import euler_maruyama_coefficients
 
 
@@ -83,6 +85,11 @@ class PredictorCorrector(Sampler):
     step_rule: str = attrs.field(
         default="expected", validator=one_of("expected", "per-sample"), metadata=doc("Langevin step from the norms' mean squares (expected) or each sample's norms (per-sample)")
     )
+
+    def check_recipe(self, components):
+        return refuse_zero_terminal_snr(
+            "pc", components, "its predictors are small-step approximations that break down where alpha_{t|s} = 0 (x_t carries no signal)"
+        )
 
     #: 1 + corrector_steps (read on the class: the default's 2)
     evaluations_per_step = _EvaluationsPerStep()
