@@ -16,7 +16,7 @@ fi
 # The editable install registers fundiff's entry points (every built-in plugin is one).
 # (this machine's pip config warns about absent local index folders; those lines are dropped)
 set +e
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,digits]" 2>&1 \
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,digits,docs]" 2>&1 \
   | grep -v "is neither a file nor a directory"
 status=${PIPESTATUS[0]}
 set -e
