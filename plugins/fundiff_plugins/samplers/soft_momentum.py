@@ -64,10 +64,12 @@ class SoftMomentum(Sampler):
             else:
                 # s_s^2 / s_t^2 = exp(lambda_t - lambda_s) <= 1 on a decreasing-noise grid
                 ratio = math.exp(t.logsnr - s.logsnr)
-                r = s.alpha * ratio / t.alpha  # alpha_s s_s^2 / (alpha_t s_t^2)
+                r = t.alpha * s.sigma**2 / (s.alpha * t.sigma**2)  # = alpha_s s_s^2 / (alpha_t s_t^2); 0 where alpha_t = 0
                 if self.variance == "posterior":
                     c = s.sigma * math.sqrt(max(1.0 - ratio, 0.0))  # alpha_s s_s sqrt(1 - ratio)
                 else:
+                    if t.alpha == 0.0:
+                        raise ValueError("soft-momentum with variance 'sde' needs alpha > 0 on every level (s_t = sigma / alpha); use variance 'posterior'")
                     c = s.alpha * (t.sigma / t.alpha) * math.sqrt(max(1.0 - ratio, 0.0))  # alpha_s sqrt(s_t^2 - s_s^2)
                 x = s.alpha * corrupt(x0, s) + r * (x - t.alpha * corrupt(x0, t))
                 if c > 0:
