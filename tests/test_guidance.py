@@ -146,16 +146,22 @@ def test_oracle_treats_label_minus_one_as_unconditional(registry, lam, seed):
 @given(lam=logsnrs(-8.0, 8.0), seed=seeds())
 def test_cfg_scale_one_is_conditional_and_zero_unconditional(registry, lam, seed):
     """Ho & Salimans 2022, eq. 6: x0_u + w (x0_c - x0_u) is the conditional model at w = 1
-    and the unconditional one at w = 0 -- exactly (bit for bit, float64): torch.lerp returns
-    its end points exactly, and the doubled batch computes each row as a single batch does."""
+    and the unconditional one at w = 0 -- exactly (bit for bit, float64) against the two
+    halves of the same doubled-batch forward, since torch.lerp returns its end points
+    exactly. Against separate single-batch calls the rows agree to float64 rounding only:
+    CPU kernels may vectorise a batch of 48 rows differently from one of 24."""
     level = VP.level(lam)
     x = start_points(seed, 24, level)
     cond = torch.arange(24) % MODES
+    null = torch.full_like(cond, -1)
     p1 = conditional_pipeline(registry, {"name": "cfg", "scale": 1.0})
     p0 = conditional_pipeline(registry, {"name": "cfg", "scale": 0.0})
     predict = make_predict(p1.model, p1.parameterization)
-    assert torch.equal(p1.guidance.denoise(predict, x, level, cond), predict(x, level, cond))
-    assert torch.equal(p0.guidance.denoise(predict, x, level, cond), predict(x, level, torch.full_like(cond, -1)))
+    both = predict(torch.cat([x, x]), level, torch.cat([cond, null]))
+    assert torch.equal(p1.guidance.denoise(predict, x, level, cond), both[:24])
+    assert torch.equal(p0.guidance.denoise(predict, x, level, cond), both[24:])
+    for half, alone in ((both[:24], predict(x, level, cond)), (both[24:], predict(x, level, null))):
+        assert torch.allclose(half, alone, rtol=1e-12, atol=1e-12 * float(alone.abs().max()))
 
 
 def test_cfg_calls_the_model_once_per_step_on_the_doubled_batch(registry):
