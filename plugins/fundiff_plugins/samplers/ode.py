@@ -70,6 +70,8 @@ class ODE(Sampler):
     requires = frozenset({GAUSSIAN_MARGINALS, ADDITIVE_NOISE})
     #: decided by rtol / atol, not by ``steps``
     evaluations_per_step = None
+    #: the error norm runs over the batch: a sample's steps depend on its batch (within rtol)
+    couples_batch = True
 
     rtol: float = attrs.field(default=1e-5, validator=greater_than(0.0), metadata=doc("relative tolerance of the error control"))
     atol: float = attrs.field(default=1e-5, validator=greater_than(0.0), metadata=doc("absolute tolerance (in units of x / alpha)"))
