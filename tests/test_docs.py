@@ -81,3 +81,45 @@ def test_mkdocs_builds_strictly(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "site" / "reference" / "components" / "index.html").exists()
+
+
+# ------------------------------------------------------------------ CLI help and completion
+
+
+def test_every_command_help_has_a_description_and_top_level_examples():
+    from fundiff import cli
+
+    parser = cli.build_parser()
+    top = parser.format_help()
+    assert "examples:" in top
+    commands = cli._subcommands(parser)
+    assert {"plugins", "show", "train", "sample", "new-plugin", "convert", "completion"} <= set(commands)
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert sub.description and sub.description.strip() in text, f"fundiff {name} --help has no description"
+        assert f"fundiff {name}" in top, f"the top-level examples do not show fundiff {name}"
+
+
+def _complete(script: str, *words: str) -> list[str]:
+    line = " ".join(f"'{w}'" for w in words)
+    result = subprocess.run(
+        ["bash", "-c", f'{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _fundiff_complete; printf "%s\\n" "${{COMPREPLY[@]}}"'],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_bash_completion_script():
+    """The script is valid bash and completes commands, options and choices from the parser."""
+    from fundiff import cli
+
+    script = cli.completion_script(cli.build_parser(), "bash")
+    assert subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True).returncode == 0
+    assert _complete(script, "fundiff", "sa") == ["sample"]
+    assert _complete(script, "fundiff", "-p", "no:x", "new") == ["new-plugin"]  # -p takes a value
+    assert set(_complete(script, "fundiff", "sample", "--st")) == {"--steps", "--strength", "--stop-at"}
+    assert _complete(script, "fundiff", "completion", "z") == ["zsh"]
+    assert _complete(script, "fundiff", "convert", "r") == ["recipe"]
+    zsh = cli.completion_script(cli.build_parser(), "zsh")
+    assert "bashcompinit" in zsh and zsh.endswith(script.split("\n", 1)[1])
