@@ -33,7 +33,7 @@ import math
 import attrs
 import torch
 
-from fundiff import Sampler, hookimpl
+from fundiff import Sampler, hookimpl, noiselevel
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc, greater_than, in_range
 
@@ -55,11 +55,20 @@ class DPMSolverAdaptive(Sampler):
     accept_safety: float = attrs.field(default=0.9, validator=in_range(0.0, 1.0, low_open=True), metadata=doc("safety factor theta of the next step size"))
     max_steps: int = attrs.field(default=1000, validator=at_least(1), metadata=doc("cap on attempted steps (accepted + rejected)"))
 
+    @staticmethod
+    def _vp_scale(level) -> float:
+        """alpha_vp / alpha at this logSNR: 1 on a VP chain, 1 / sqrt(1 + sigma^2) on VE."""
+        return noiselevel.vp_alpha_sigma(level.logsnr)[0] / level.alpha
+
     def sample(self, denoise, x, levels, noise=None, callback=None):
         x, levels, offset = zero_snr_start(denoise, x, levels, callback)
         final = levels[-1] if levels[-1].is_clean else None
         end = levels[-2] if final is not None else levels[-1]
-        t, x_prev, h = levels[0], x, self.h_init
+        t, h = levels[0], self.h_init
+        # Tolerances apply to the state in variance-preserving scale, x * alpha_vp / alpha:
+        # on a VE chain |x| ~ sigma >> data, and rtol on raw x would accept errors of the
+        # data's own size (the tolerance would then depend on the chain, not the data).
+        x_prev = x * self._vp_scale(t)
         lam_end = lam(end)
         attempts, accepted = 0, offset
         while t is not end:
@@ -84,10 +93,11 @@ class DPMSolverAdaptive(Sampler):
 
             x_low = singlestep(cached, x, x0, t, s, [u1])
             x_high = singlestep(cached, x, x0, t, s, [u1, u2])
-            delta = torch.clamp(self.rtol * torch.maximum(x_low.abs(), x_prev.abs()), min=self.atol)
-            error = float(((x_low - x_high) / delta).square().flatten(1).mean(1).sqrt().max())  # one sync per step
+            scale = self._vp_scale(s)
+            delta = torch.clamp(self.rtol * torch.maximum((x_low * scale).abs(), x_prev.abs()), min=self.atol)
+            error = float((((x_low - x_high) * scale) / delta).square().flatten(1).mean(1).sqrt().max())  # one sync per step
             if error <= 1.0:
-                x_prev, x, t = x_low, x_high, s
+                x_prev, x, t = x_low * scale, x_high, s
                 if callback is not None:
                     callback(accepted, x, x0)
                 accepted += 1
