@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import attrs
 import torch
-
 from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 
+from ._exponential import zero_snr_start
 from ._pfode import level_maker, sigma_tilde
 
 
@@ -35,6 +35,11 @@ class DPM2(Sampler):
     evaluations_per_step = 2
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
+        # from a zero-terminal-SNR level (alpha = 0, x / alpha infinite) take the exact first
+        # step, x_s = alpha_s D + (sigma_s / sigma_t) x, then continue on the rest of the grid
+        x, levels, _ = zero_snr_start(denoise, x, levels, callback)
+        if len(levels) < 2:
+            return x
         make = level_maker(levels)
         plan = []
         for t, s in zip(levels[:-1], levels[1:]):

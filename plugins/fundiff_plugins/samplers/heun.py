@@ -25,11 +25,11 @@ import math
 
 import attrs
 import torch
-
 from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc
 
+from ._exponential import zero_snr_start
 from ._pfode import level_maker, logsnr_from_sigma_tilde, sigma_tilde
 
 
@@ -63,6 +63,11 @@ class Heun(Sampler):
     s_noise: float = attrs.field(default=1.0, validator=at_least(0.0), metadata=doc("scale of the churn noise S_noise"))
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
+        # from a zero-terminal-SNR level (alpha = 0, x / alpha infinite) take the exact first
+        # step, x_s = alpha_s D + (sigma_s / sigma_t) x, then continue on the rest of the grid
+        x, levels, _ = zero_snr_start(denoise, x, levels, callback)
+        if len(levels) < 2:
+            return x
         n = len(levels) - 1
         make = level_maker(levels)
         gamma_max = min(self.s_churn / n, math.sqrt(2.0) - 1.0) if n else 0.0

@@ -34,11 +34,11 @@ import functools
 import attrs
 import numpy as np
 import torch
-
 from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import doc, in_range, one_of
 
+from ._exponential import zero_snr_start
 from ._pfode import level_maker, rk4_slope, sigma_tilde, transfer
 
 
@@ -89,6 +89,11 @@ class LMS(Sampler):
         return out
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
+        # from a zero-terminal-SNR level (alpha = 0, x / alpha infinite) take the exact first
+        # step, x_s = alpha_s D + (sigma_s / sigma_t) x, then continue on the rest of the grid
+        x, levels, _ = zero_snr_start(denoise, x, levels, callback)
+        if len(levels) < 2:
+            return x
         history = []  # eps_hat, newest first
         make = level_maker(levels) if self.warm_start == "rk4" else None
         for i, (inv_sigma, c_x, c_eps) in enumerate(self.plan(levels)):

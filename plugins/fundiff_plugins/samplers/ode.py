@@ -50,11 +50,11 @@ from typing import Callable, Optional
 
 import attrs
 import torch
-
 from fundiff import Sampler, hookimpl, rng
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc, greater_than, one_of
 
+from ._exponential import zero_snr_start
 from ._pfode import dopri5, level_maker, sigma_tilde
 
 #: the fundiff.rng stream of the Hutchinson probes (third-party range)
@@ -87,6 +87,11 @@ class ODE(Sampler):
         return 2.0 * tau if self.variable == "lambda" else -2.0 * math.log(tau)
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
+        # from a zero-terminal-SNR level (alpha = 0, x / alpha infinite) take the exact first
+        # step, x_s = alpha_s D + (sigma_s / sigma_t) x, then continue on the rest of the grid
+        x, levels, _ = zero_snr_start(denoise, x, levels, callback)
+        if len(levels) < 2:
+            return x
         first, last = levels[0], levels[-1]
         if not (first.alpha > 0 and first.sigma > 0):
             raise ValueError("ode needs a first level with alpha > 0 and sigma > 0 (x / alpha must be finite)")

@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import attrs
 import torch
-
 from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import doc, one_of
 
+from ._exponential import zero_snr_start
 from ._pfode import eps_hat, level_maker, rk4_slope, sigma_tilde, transfer
 
 #: Adams-Bashforth weights of orders 1-4 for equal steps, newest slope first
@@ -57,6 +57,11 @@ class PLMS(Sampler):
     )
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
+        # from a zero-terminal-SNR level (alpha = 0, x / alpha infinite) take the exact first
+        # step, x_s = alpha_s D + (sigma_s / sigma_t) x, then continue on the rest of the grid
+        x, levels, _ = zero_snr_start(denoise, x, levels, callback)
+        if len(levels) < 2:
+            return x
         make = level_maker(levels)
         history = []  # noise estimates at grid points, newest first
         for i in range(len(levels) - 1):

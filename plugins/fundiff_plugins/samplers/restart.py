@@ -27,12 +27,17 @@ from __future__ import annotations
 import math
 
 import attrs
-
 from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc, greater_than
 
-from ._pfode import karras_sigma_tildes, level_maker, logsnr_from_sigma_tilde, sigma_tilde
+from ._exponential import zero_snr_start
+from ._pfode import (
+    karras_sigma_tildes,
+    level_maker,
+    logsnr_from_sigma_tilde,
+    sigma_tilde,
+)
 from .heun import heun_step
 
 
@@ -59,6 +64,11 @@ class Restart(Sampler):
         return min(noisy, key=lambda i: abs(math.log(sigma_tilde(levels[i]) / self.restart_min)))
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
+        # from a zero-terminal-SNR level (alpha = 0, x / alpha infinite) take the exact first
+        # step, x_s = alpha_s D + (sigma_s / sigma_t) x, then continue on the rest of the grid
+        x, levels, _ = zero_snr_start(denoise, x, levels, callback)
+        if len(levels) < 2:
+            return x
         make = level_maker(levels)
         j = self.restart_index(levels)
         bottom = levels[j]
