@@ -351,8 +351,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_likelihood(args: argparse.Namespace) -> int:
-    """Mean log-likelihood of held-out data under the run's probability-flow ODE (the
-    registered ``ode`` sampler's ``log_likelihood``)."""
+    """Mean log-likelihood of held-out data under the run's probability-flow ODE, computed by
+    a registered sampler that offers ``log_likelihood`` (``--solver``, or the only one)."""
     import math
 
     import attrs
@@ -373,7 +373,16 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     labels = data.labels[: args.num_samples] if pipeline.uses_labels and data.labels is not None else None
     model = pipeline.sampling_model().eval().requires_grad_(False)
     dtype = next((p.dtype for p in model.parameters()), torch.float64)
-    ode = registry.build("sampler", "ode", rtol=args.rtol, atol=args.rtol)
+    solvers = [e.name for e in registry.entries("sampler") if callable(getattr(e.cls, "log_likelihood", None))]
+    if args.solver is None and len(solvers) != 1:
+        raise FundiffError(
+            "choose the likelihood solver with --solver: "
+            + ("no installed sampler offers log_likelihood" if not solvers else f"samplers that offer it: {', '.join(solvers)}")
+        )
+    solver_name = args.solver or solvers[0]
+    if solver_name not in solvers:
+        raise FundiffError(f"sampler '{solver_name}' has no log_likelihood; samplers that offer it: {', '.join(solvers) or '(none)'}")
+    ode = registry.build("sampler", solver_name, rtol=args.rtol, atol=args.rtol)
     values = []
     for begin in range(0, x.shape[0], pipeline.recipe.sample.batch_size):
         end = min(begin + pipeline.recipe.sample.batch_size, x.shape[0])
@@ -639,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per point (default 1)")
     p.add_argument("--exact-trace", action="store_true", help="exact divergence (one backward pass per data dimension)")
     p.add_argument("--rtol", type=float, default=1e-5, help="ODE solver tolerance, relative and absolute (default 1e-5)")
+    p.add_argument("--solver", help="sampler that computes it (one offering log_likelihood; default: the only one)")
     p.set_defaults(func=cmd_likelihood)
     p = sub.add_parser("train-classifier", help="train the noise-aware classifier of guidance 'classifier' into RUN_DIR")
     p.add_argument("run_dir", metavar="RUN_DIR")
