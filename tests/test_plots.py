@@ -21,10 +21,11 @@ def test_plot_every_schedule_and_noise_type(tmp_path, registry):
 
 def test_plot_cli_names_and_errors(tmp_path):
     out = tmp_path / "cos.png"
-    result = run_cli("plot", "schedules", "cosine", "linear", "--out", str(out))
+    result = run_cli("plot", "schedules", "cosine", "linear", "--chain", "vp", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:4] == b"\x89PNG"
-    user_error(run_cli("plot", "schedules", "cosin", "--out", str(out)), "did you mean 'cosine'?")
+    user_error(run_cli("plot", "schedules", "cosin", "--chain", "vp", "--out", str(out)), "did you mean 'cosine'?")
+    user_error(run_cli("plot", "noise", "--chain", "vp", "--out", str(out)), "plot noise needs --schedule")
 
 
 def test_report_draws_loss_samples_and_schedule(tmp_path):

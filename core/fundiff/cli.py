@@ -28,7 +28,7 @@ examples:
   fundiff train recipes/two-moons.yaml --run-dir runs/two-moons
   fundiff sample runs/two-moons --sampler ddpm --steps 200 -n 2000
   fundiff report runs/two-moons         loss curve, samples and schedule in one PNG
-  fundiff plot schedules --out schedules.png
+  fundiff plot schedules --chain vp --out schedules.png
   fundiff likelihood runs/two-moons -n 1000   log-likelihood and bits/dim of held-out data
   fundiff -p no:gmm-oracle plugins      disable a plugin for one command
   fundiff convert diffusers-config scheduler_config.json --to-recipe sd.yaml
@@ -343,6 +343,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if args.what == "schedules":
         plotting.plot_schedules(args.out, components, chain)
     else:
+        if not args.schedule:
+            raise FundiffError("plot noise needs --schedule NAME for the perturbed examples (see: fundiff show schedule)")
         schedule = registry.build("schedule", args.schedule)
         for problem in plotting.plot_noises(args.out, components, schedule, chain):
             print(f"fundiff: skipped {problem}", file=sys.stderr)
@@ -638,8 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["schedules", "noise"])
     p.add_argument("names", nargs="*", metavar="NAME", help="components to draw (default: all registered)")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--chain", default="vp", help="chain that maps logSNR to (alpha, sigma) (default vp)")
-    p.add_argument("--schedule", default="cosine", help="schedule of the perturbed examples in 'plot noise'")
+    p.add_argument("--chain", required=True, help="chain that maps logSNR to (alpha, sigma), e.g. vp")
+    p.add_argument("--schedule", help="schedule of the perturbed examples in 'plot noise' (required there)")
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("likelihood", help="mean log-likelihood and bits/dim of held-out data (probability-flow ODE)")
     p.add_argument("run_dir", metavar="RUN_DIR")
