@@ -45,9 +45,9 @@ def _scatter(samples: torch.Tensor, reference: Optional[torch.Tensor], title: st
     fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
     if reference is not None:
         ref = reference.reshape(reference.shape[0], -1)[:, :2].cpu()
-        ax.scatter(ref[:, 0], ref[:, 1], s=2, c="#bbbbbb", alpha=0.5, label="data", linewidths=0)
+        ax.scatter(ref[:, 0].numpy(), ref[:, 1].numpy(), s=2, c="#bbbbbb", alpha=0.5, label="data", linewidths=0)
     pts = samples[:, :2].cpu()
-    ax.scatter(pts[:, 0], pts[:, 1], s=2, c="#1f5fbf", alpha=0.7, label="samples", linewidths=0)
+    ax.scatter(pts[:, 0].numpy(), pts[:, 1].numpy(), s=2, c="#1f5fbf", alpha=0.7, label="samples", linewidths=0)
     ax.set_aspect("equal")
     ax.legend(loc="upper right", markerscale=4, fontsize=8)
     if title:
@@ -71,9 +71,9 @@ def _image_grid(samples: torch.Tensor, title: str) -> bytes:
         if index < count:
             image = images[index]
             if image.shape[0] == 1:
-                ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
+                ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
             else:
-                ax.imshow(image[:3].permute(1, 2, 0))
+                ax.imshow(image[:3].permute(1, 2, 0).numpy())
     if title:
         fig.suptitle(title, fontsize=8)
     buffer = io.BytesIO()
@@ -96,9 +96,9 @@ def plot_schedules(path: str, schedules: "list[tuple[str, object]]", chain) -> N
         t_used = t.clamp(min=schedule.t_min)
         logsnr = schedule.logsnr(t_used)
         alpha, sigma = chain.alpha_sigma(logsnr)
-        axes[0].plot(t_used, logsnr.clamp(-25, 25), label=name)
-        axes[1].plot(t_used, alpha**2, label=name)
-        axes[2].plot(t_used, sigma, label=name)
+        axes[0].plot(t_used.numpy(), logsnr.clamp(-25, 25).detach().numpy(), label=name)
+        axes[1].plot(t_used.numpy(), (alpha**2).detach().numpy(), label=name)
+        axes[2].plot(t_used.numpy(), sigma.detach().numpy(), label=name)
     for ax, label in zip(axes, ("logSNR lambda(t) (clipped to +-25)", "alpha^2 (alpha-bar on vp)", "sigma")):
         ax.set_xlabel("t")
         ax.set_title(label, fontsize=9)
@@ -154,7 +154,7 @@ def plot_noises(path: str, noises: "list[tuple[str, object]]", schedule, chain, 
         ax.tick_params(labelsize=6)
         for col, (t, panel) in enumerate(zip(levels, panels), start=1):
             ax = axes[row][col]
-            ax.imshow(panel[0, 0].clamp(-3, 3), cmap="gray")
+            ax.imshow(panel[0, 0].clamp(-3, 3).detach().numpy(), cmap="gray")
             ax.axis("off")
             if row == 0:
                 ax.set_title(f"t = {t}", fontsize=9)
@@ -174,7 +174,7 @@ def plot_report(path: str, metrics: "list[dict]", samples: torch.Tensor, spec: D
     points = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     if points:
         steps, losses = zip(*points)
-        ax.plot(steps, losses, color="#1f5fbf")
+        ax.plot(list(steps), list(losses), color="#1f5fbf")
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_title("training loss", fontsize=9)
@@ -189,14 +189,14 @@ def plot_report(path: str, metrics: "list[dict]", samples: torch.Tensor, spec: D
             r, q = divmod(i, side)
             canvas[:, r * h : (r + 1) * h, q * w : (q + 1) * w] = samples[i].float().clamp(-1, 1)
         image = (canvas + 1) / 2
-        ax.imshow(image[0] if c == 1 else image[:3].permute(1, 2, 0), cmap="gray" if c == 1 else None)
+        ax.imshow((image[0] if c == 1 else image[:3].permute(1, 2, 0)).numpy(), cmap="gray" if c == 1 else None)
         ax.axis("off")
     else:
         if reference is not None:
             ref = reference.reshape(reference.shape[0], -1)[:, :2]
-            ax.scatter(ref[:, 0], ref[:, 1], s=2, c="#bbbbbb", alpha=0.5, linewidths=0, label="data")
-        pts = samples.reshape(samples.shape[0], -1)[:, :2]
-        ax.scatter(pts[:, 0], pts[:, 1], s=2, c="#1f5fbf", alpha=0.7, linewidths=0, label="samples")
+            ax.scatter(ref[:, 0].numpy(), ref[:, 1].numpy(), s=2, c="#bbbbbb", alpha=0.5, linewidths=0, label="data")
+        pts = samples.reshape(samples.shape[0], -1)[:, :2].cpu()
+        ax.scatter(pts[:, 0].numpy(), pts[:, 1].numpy(), s=2, c="#1f5fbf", alpha=0.7, linewidths=0, label="samples")
         ax.set_aspect("equal")
         ax.legend(fontsize=7, markerscale=4)
     ax.set_title("samples", fontsize=9)
@@ -204,7 +204,7 @@ def plot_report(path: str, metrics: "list[dict]", samples: torch.Tensor, spec: D
     t = torch.linspace(0.0, 1.0, 501, dtype=torch.float64)
     with torch.no_grad():
         logsnr = schedule.logsnr(t.clamp(min=schedule.t_min))
-    ax.plot(t, logsnr.clamp(-25, 25), color="#1f5fbf")
+    ax.plot(t.numpy(), logsnr.clamp(-25, 25).detach().numpy(), color="#1f5fbf")
     ax.set_xlabel("t")
     ax.set_title("schedule: logSNR(t)", fontsize=9)
     ax.grid(alpha=0.3)
