@@ -37,6 +37,7 @@ BUILTINS = {
     "guidance": {"none"},
     "sampler": {"ddpm", "ddim"},
     "spacing": {"uniform"},
+    "variance": {"fixed-small"},
 }
 
 #: environment with none of the FUNDIFF_* switches set

@@ -506,6 +506,70 @@ class Spacing(Component):
         return self
 
 
+@attrs.frozen
+class LevelTensors:
+    """Per-sample noise levels as tensors: ``logsnr``, ``alpha``, ``sigma`` of shape (B,),
+    float64 (the training-time counterpart of the host-side :class:`Level`)."""
+
+    logsnr: torch.Tensor
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+
+
+class ReverseVariance(Component):
+    """The variance of the reverse step p(x_s | x_t) for ancestral samplers (survey sec. 4.3.1).
+
+    ``variance(s, t, v)`` is the per-element variance of p(x_s | x_t) for a host-side level
+    ``s`` less noisy than ``t``: a Python float, or a tensor shaped like x when it depends on
+    the network. ``v`` is the denoiser's raw learned-variance output at level ``t`` (shaped
+    like x; see ``fundiff_plugins/denoisers/_variance.py``), given only to components with
+    ``needs_network = True`` and None otherwise. A recipe without a ``variance`` section keeps
+    each sampler's own variance (``ddpm``: the posterior's, beta tilde).
+
+    Training: a component with ``needs_network`` makes the trainer call the network with
+    ``return_variance=True``; ``training_levels`` picks the per-sample level s below each
+    training level t and ``training_loss`` returns a (B,) term added to the per-example loss
+    (None: nothing added).
+    """
+
+    kind = "variance"
+    #: True when ``variance`` reads the network's learned-variance output ``v``
+    needs_network: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def variance(self, s: Level, t: Level, v: Optional[torch.Tensor]) -> "float | torch.Tensor": ...
+
+    def prepare(self, pipeline: Any, cache_dir: Optional[str]) -> "ReverseVariance":
+        """Return the component ready to sample ``pipeline``'s model (called once per sampling
+        run, before the first step). A variance estimated from the model (e.g. from moments
+        of its predictions) is measured here and may be cached as a file in ``cache_dir``
+        (the run directory; None without one), keyed so a changed model is measured again.
+        The default needs no model and returns ``self``."""
+        return self
+
+    def training_levels(self, t: LevelTensors, schedule: Schedule, chain: Chain) -> Optional[LevelTensors]:
+        """The per-sample levels s below the training levels ``t`` that ``training_loss``
+        compares at (same shapes); None (the default) when the component adds no loss."""
+        return None
+
+    def training_loss(
+        self,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        x0_hat: torch.Tensor,
+        v: Optional[torch.Tensor],
+        t: LevelTensors,
+        s: LevelTensors,
+        schedule: Schedule,
+    ) -> Optional[torch.Tensor]:
+        """A (B,) loss term added to the per-example denoising loss, from the data ``x0``, the
+        noisy batch ``x_t`` at levels ``t``, the network's x0 estimate ``x0_hat`` (with its
+        graph) and its variance output ``v``, for the levels ``s`` from ``training_levels``
+        (``schedule``: the recipe's, e.g. for the number of terms of a summed bound).
+        Default: None (fixed variances train nothing)."""
+        return None
+
+
 KIND_BASES: dict[str, type[Component]] = {
     "data": DataSet,
     "schedule": Schedule,
@@ -517,7 +581,8 @@ KIND_BASES: dict[str, type[Component]] = {
     "guidance": Guidance,
     "sampler": Sampler,
     "spacing": Spacing,
+    "variance": ReverseVariance,
 }
 KINDS: tuple[str, ...] = tuple(KIND_BASES)
 #: kinds a recipe may leave out; the core then uses its documented default behaviour
-OPTIONAL_KINDS: frozenset[str] = frozenset({"spacing"})
+OPTIONAL_KINDS: frozenset[str] = frozenset({"spacing", "variance"})

@@ -221,6 +221,26 @@ def fundiff_register_spacings(register: "Register") -> None:
     """
 
 
+@hookspec
+def fundiff_register_variances(register: "Register") -> None:
+    """Register reverse variances: the variance of p(x_s | x_t) in ancestral steps (survey sec. 4.3.1).
+
+    :param register: call ``register(name, cls)`` with ``cls`` a subclass of
+        :class:`fundiff.ReverseVariance` implementing ``variance(s, t, v)`` (a float, or a
+        tensor shaped like x when it reads the network's learned-variance output ``v``;
+        set ``needs_network = True`` then). Optionally ``prepare(pipeline, cache_dir)``
+        estimates something from the model before sampling, and ``training_levels`` /
+        ``training_loss`` add a term to the training loss. A recipe uses it through its
+        optional ``variance`` section; without one, samplers keep their own variance.
+
+    Example::
+
+        @hookimpl
+        def fundiff_register_variances(register):
+            register("fixed-large", FixedLarge)
+    """
+
+
 #: hook name -> component kind it registers
 HOOK_KINDS: dict[str, str] = {
     "fundiff_register_data": "data",
@@ -233,4 +253,5 @@ HOOK_KINDS: dict[str, str] = {
     "fundiff_register_guidances": "guidance",
     "fundiff_register_samplers": "sampler",
     "fundiff_register_spacings": "spacing",
+    "fundiff_register_variances": "variance",
 }

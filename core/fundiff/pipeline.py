@@ -30,7 +30,19 @@ import torch
 
 from . import distributed, noiselevel, rng
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from .components import BuildContext, Chain, Denoise, Guidance, Noise, Parameterization, Sampler, Schedule, Weighting
+from .components import (
+    BuildContext,
+    Chain,
+    Denoise,
+    Guidance,
+    LevelTensors,
+    Noise,
+    Parameterization,
+    ReverseVariance,
+    Sampler,
+    Schedule,
+    Weighting,
+)
 from .errors import FundiffError
 from .noiselevel import Level
 from .recipe import Recipe, load_recipe, read_recipe_file
@@ -74,14 +86,30 @@ def _with_autocast(denoise: Denoise, device: torch.device, precision: str, dtype
     return run
 
 
-def make_predict(model: torch.nn.Module, parameterization: Parameterization):
-    """``predict(x, level, cond) -> x0`` from a network and its parameterization."""
+class VarianceOutput:
+    """Where ``make_predict`` keeps the network's learned-variance output ``v`` of its most
+    recent call (and that call's level), for a reverse variance with ``needs_network``."""
+
+    def __init__(self) -> None:
+        self.level: Optional[Level] = None
+        self.v: Optional[torch.Tensor] = None
+
+
+def make_predict(model: torch.nn.Module, parameterization: Parameterization, variance_output: Optional[VarianceOutput] = None):
+    """``predict(x, level, cond) -> x0`` from a network and its parameterization. With
+    ``variance_output`` the network is called with ``return_variance=True`` and its ``v`` kept
+    there."""
 
     def predict(x: torch.Tensor, level: Level, cond: Optional[torch.Tensor]) -> torch.Tensor:
         # a host float filled on the device: no device-to-host synchronisation
         logsnr = torch.full((x.shape[0],), level.logsnr, dtype=x.dtype, device=x.device)
         scale = parameterization.input_scale(level.alpha, level.sigma)
-        out = model(x * scale if not (isinstance(scale, float) and scale == 1.0) else x, logsnr, cond)
+        x_in = x * scale if not (isinstance(scale, float) and scale == 1.0) else x
+        if variance_output is None:
+            out = model(x_in, logsnr, cond)
+        else:
+            out, variance_output.v = model(x_in, logsnr, cond, return_variance=True)
+            variance_output.level = level
         return parameterization.to_x0(out, x, level.alpha, level.sigma)
 
     return predict
@@ -93,12 +121,14 @@ def make_denoise(
     guidance: Guidance,
     cond: Optional[torch.Tensor] = None,
     levels: Optional[Sequence[Level]] = None,
+    variance_output: Optional[VarianceOutput] = None,
 ) -> Denoise:
     """``denoise(x, level) -> x0``: what samplers call, with guidance applied.
 
     One call is one sampling run: the guidance's per-run state (``guidance.start(levels)``,
-    with the run's grid when given) lives in the returned function."""
-    predict = make_predict(model, parameterization)
+    with the run's grid when given) lives in the returned function. ``variance_output``: see
+    :func:`make_predict`."""
+    predict = make_predict(model, parameterization, variance_output)
     run = guidance.start(levels)
 
     def denoise(x: torch.Tensor, level: Level) -> torch.Tensor:
@@ -123,12 +153,38 @@ class ComponentNoise:
     """The noise source a pipeline hands to samplers: the recipe's noise type drawn from a
     per-sample stream, so stochastic steps add noise of the type the model was trained on."""
 
-    def __init__(self, noise: "Noise", stream: rng.NoiseStream):
+    def __init__(
+        self,
+        noise: "Noise",
+        stream: rng.NoiseStream,
+        reverse_variance: Optional[ReverseVariance] = None,
+        variance_output: Optional[VarianceOutput] = None,
+    ):
         self.noise = noise
         self.stream = stream
+        self.reverse_variance = reverse_variance
+        self.variance_output = variance_output
 
     def sample(self, draw: int) -> torch.Tensor:
         return self.noise.sample(self.stream, draw)
+
+    def variance(self, s: Level, t: Level) -> "float | torch.Tensor | None":
+        """The recipe's reverse variance of p(x_s | x_t) (None without a ``variance`` section),
+        from the network's variance output of its most recent call at level ``t`` when the
+        component reads it. Under guidance that batches several branches into one call, the
+        first branch's (the conditional one's) rows are used."""
+        if self.reverse_variance is None:
+            return None
+        v = None
+        if type(self.reverse_variance).needs_network:
+            out = self.variance_output
+            if out is None or out.v is None or out.level is None or out.level.logsnr != t.logsnr:
+                raise FundiffError(
+                    f"reverse variance {type(self.reverse_variance).__name__} reads the network's variance output at "
+                    f"logSNR {t.logsnr:.4g}, but the sampler has not called the denoiser there (or it has no variance head)"
+                )
+            v = out.v[: self.stream.batch_size]
+        return self.reverse_variance.variance(s, t, v)
 
     def corrupt(self, x0: torch.Tensor, level: Level) -> torch.Tensor:
         """The noise type's operator C at a host-side level (identity for additive noise)."""
@@ -300,8 +356,14 @@ class Pipeline:
             cond = self.guidance.training_condition(cond, rng.uniform(seed, rng.STREAM_TRAIN_COND, step, positions).to(self.device))
         param = self.parameterization
         network = self.forward_model if self.forward_model is not None else self.model
+        reverse_variance = recipe.get("variance")
+        learns_variance = reverse_variance is not None and type(reverse_variance).needs_network
+        v = None
         with autocast(self.device, recipe.train.precision):
-            out = network(param.input_scale(a, s) * x_t, logsnr.to(self.device, x0.dtype), cond)
+            if learns_variance:
+                out, v = network(param.input_scale(a, s) * x_t, logsnr.to(self.device, x0.dtype), cond, return_variance=True)
+            else:
+                out = network(param.input_scale(a, s) * x_t, logsnr.to(self.device, x0.dtype), cond)
         out = out.to(x0.dtype)
         target = param.target(x0, eps, x_t, a, s)
         # weight of the target-space MSE = w(lambda) in x0 units / (target-MSE per x0-MSE)
@@ -310,6 +372,16 @@ class Pipeline:
             log_w = log_w + log_extra.to(torch.float64)
         weight = torch.exp(log_w).to(self.device, x0.dtype)
         per_example = weight * ((out - target) ** 2).flatten(1).mean(1)
+        if learns_variance:
+            # the reverse variance's own term (improved DDPM's L_vlb), at levels s below t
+            level_t = LevelTensors(logsnr=logsnr, alpha=alpha, sigma=sigma)
+            level_s = reverse_variance.training_levels(level_t, self.schedule, self.chain)
+            if level_s is not None:
+                x0_hat = param.to_x0(out, x_t, a, s)
+                v = v.to(x0.dtype) if v is not None else None
+                extra = reverse_variance.training_loss(x0, x_t, x0_hat, v, level_t, level_s, self.schedule)
+                if extra is not None:
+                    per_example = per_example + extra.to(per_example.dtype)
         self.last_logsnr = logsnr.detach()  # for weightings that learn from the losses (update below)
         if variance_gradient and self.schedule_module is not None and torch.is_grad_enabled():
             # A learned schedule minimises the variance of the loss estimate (VDM sec. 5.2):
@@ -332,6 +404,12 @@ class Pipeline:
         if spacing is None:
             return noise_levels(self.schedule, self.chain, steps)
         return spacing.prepare(self, self.run_dir).levels(self.schedule, self.chain, steps)
+
+    def reverse_variance(self) -> Optional[ReverseVariance]:
+        """The recipe's reverse variance prepared for this pipeline's model and run directory
+        (see ``ReverseVariance.prepare``), or None without a ``variance`` section."""
+        variance = self.recipe.get("variance")
+        return None if variance is None else variance.prepare(self, self.run_dir)
 
     def truncate(self, levels: Sequence[Level], strength: Optional[float] = None, stop_logsnr: Optional[float] = None) -> list[Level]:
         """Cut a grid for truncated sampling (survey sec. 5.2.1).
@@ -423,6 +501,7 @@ class Pipeline:
         model = self.sampling_model(use_ema)
         model.eval()
         precision = options.precision
+        reverse_variance = self.reverse_variance()
         outputs, label_outputs = [], []
         for begin in range(start, start + num_samples, batch_size):
             ids = torch.arange(begin, min(begin + batch_size, start + num_samples))
@@ -437,9 +516,10 @@ class Pipeline:
                 x0 = noise_type.corrupt(rows.to(self.device, dtype), torch.full((ids.numel(),), first.logsnr, dtype=dtype, device=self.device))
                 x = self.chain.perturb(x0, eps, torch.tensor(first.alpha, dtype=dtype, device=self.device), torch.tensor(first.sigma, dtype=dtype, device=self.device))
             stream = rng.NoiseStream(seed, ids, self.spec.shape, stream=rng.STREAM_SAMPLER, device=self.device, dtype=dtype)
-            noise = ComponentNoise(noise_type, stream)
+            variance_output = VarianceOutput() if reverse_variance is not None and type(reverse_variance).needs_network else None
+            noise = ComponentNoise(noise_type, stream, reverse_variance, variance_output)
             cond = self.labels_for(ids, seed, label)
-            denoise = make_denoise(model, self.parameterization, self.guidance, cond, levels)
+            denoise = make_denoise(model, self.parameterization, self.guidance, cond, levels, variance_output)
             if precision != "fp32":
                 denoise = _with_autocast(denoise, self.device, precision, dtype)
             finite: list[torch.Tensor] = []  # one device flag per step: checked after the loop, no sync inside

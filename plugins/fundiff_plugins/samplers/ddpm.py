@@ -2,7 +2,9 @@
 
 Each step draws x_s from the posterior q(x_s | x_t, x0 = x0_hat): the mean is the exact
 two-marginal posterior mean from the core math (VDM eq. 7), the variance the posterior's
-("fixed small", beta tilde in the DDPM paper).
+("fixed small", beta tilde in the DDPM paper) unless the recipe has a ``variance`` section:
+then the step's variance is that component's (``noise.variance(s, t)``: fixed-large beta,
+improved DDPM's learned range, Analytic-DPM's estimate; a float or a per-element tensor).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 
 import attrs
+import torch
 
 from fundiff import Sampler, hookimpl, noiselevel
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
@@ -29,7 +32,11 @@ class DDPM(Sampler):
             x0 = denoise(x, t)
             coef_x0, coef_xt, var = noiselevel.posterior(s, t)
             x = coef_x0 * x0 + coef_xt * x
-            if var > 0:
+            chosen = noise.variance(s, t) if hasattr(noise, "variance") else None
+            var = var if chosen is None else chosen
+            if isinstance(var, torch.Tensor):
+                x = x + var.to(x.dtype).sqrt() * noise.sample(i)
+            elif var > 0:
                 x = x + math.sqrt(var) * noise.sample(i)
             if callback is not None:
                 callback(i, x, x0)
