@@ -44,8 +44,8 @@ import torch
 from . import rng
 from .noiselevel import Level
 
-#: stream id of Brownian-tree nodes (distinct from the core's sampler/prior streams 1..7)
-STREAM_BROWNIAN = 8
+#: stream id of Brownian-tree nodes (reserved in fundiff.rng)
+STREAM_BROWNIAN = rng.STREAM_BROWNIAN
 #: default depth of the dyadic tree (points snapped to multiples of 2^-depth)
 DEFAULT_DEPTH = 24
 #: logSNR scale of the map from noise levels to tree time (see :func:`level_time`)

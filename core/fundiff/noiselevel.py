@@ -96,6 +96,31 @@ class Level:
         return self.sigma == 0.0
 
 
+_VP_TOL = 1e-9  # |alpha^2 + sigma^2 - 1| below this: the level lies on a variance-preserving chain
+
+
+def level_between(t: Level, s: Level, logsnr: float) -> Level:
+    """A level at ``logsnr`` on the chain of the grid levels t and s (for a sampler's inner
+    evaluations: midpoints, Runge-Kutta stages, adaptive steps).
+
+    Samplers see levels, not the chain, so the chain is recognised from the neighbours: both
+    with alpha^2 + sigma^2 = 1 (VP: alpha^2 = sigmoid(lambda)) or both with alpha = 1 (VE) are
+    extended exactly; otherwise log alpha is interpolated linearly in lambda. In every case
+    alpha / sigma = exp(lambda / 2) exactly, so a denoiser that uses the level's own alpha and
+    sigma (an exact one) is exact on any chain.
+    """
+    if abs(t.alpha**2 + t.sigma**2 - 1.0) <= _VP_TOL and abs(s.alpha**2 + s.sigma**2 - 1.0) <= _VP_TOL:
+        alpha, sigma = vp_alpha_sigma(float(logsnr))
+        return Level(float(logsnr), alpha, sigma)
+    if t.alpha == 1.0 and s.alpha == 1.0:
+        return Level(float(logsnr), 1.0, math.exp(-0.5 * logsnr))
+    if not (math.isfinite(t.logsnr) and math.isfinite(s.logsnr)) or t.alpha <= 0.0 or s.alpha <= 0.0:
+        raise ValueError("an inner level needs two noisy neighbours with alpha > 0")
+    w = (logsnr - t.logsnr) / (s.logsnr - t.logsnr)
+    alpha = math.exp((1.0 - w) * math.log(t.alpha) + w * math.log(s.alpha))
+    return Level(float(logsnr), alpha, alpha * math.exp(-0.5 * logsnr))
+
+
 def transition(s: Level, t: Level) -> tuple[float, float]:
     """The Gaussian transition q(x_t | x_s) for s less noisy than t.
 

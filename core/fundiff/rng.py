@@ -31,6 +31,7 @@ STREAM_TRAIN_LEVEL = 4  # noise levels during training
 STREAM_TRAIN_DATA = 5  # which data examples form a batch
 STREAM_TRAIN_COND = 6  # condition dropout during training
 STREAM_DATA = 7  # data sets that generate their points
+STREAM_BROWNIAN = 8  # Brownian-tree nodes of the SDE samplers (fundiff.brownian)
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0 = 0xD2511F53

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from .components import KINDS
+from .components import KINDS, OPTIONAL_KINDS
 from .errors import FundiffError, RecipeError, suggest
 
 # ------------------------------------------------------------------------------ templates
@@ -436,6 +436,36 @@ def fundiff_register_samplers(register):
 ''',
 )
 
+TEMPLATES["variance"] = dict(
+    summary="The ``$cname`` reverse variance: the geometric mean of the posterior and forward variances.",
+    body="""For a step from level t to the less noisy level s, the two classical choices are the
+posterior variance beta_tilde (DDPM's "fixed small") and the forward transition variance beta
+("fixed large"); this component returns their geometric mean sqrt(beta_tilde * beta), which
+lies between them. It needs nothing from the network.""",
+    code='''import math
+
+import attrs
+
+import fundiff
+from fundiff import noiselevel
+
+
+@attrs.frozen(kw_only=True)
+class ${prefix}Variance(fundiff.ReverseVariance):
+    """sqrt(beta_tilde * beta): between the posterior and the forward transition variance."""
+
+    def variance(self, s, t, v):
+        small = noiselevel.posterior(s, t)[2]  # beta tilde, host floats
+        large = noiselevel.transition(s, t)[1]  # beta
+        return math.sqrt(small * large)
+
+
+@fundiff.hookimpl
+def fundiff_register_variances(register):
+    register("$cname", ${prefix}Variance)
+''',
+)
+
 assert set(TEMPLATES) == set(KINDS), "every component kind needs a template"
 
 PYPROJECT = """[build-system]
@@ -653,7 +683,7 @@ def _preference(entry) -> tuple:
 def companion_recipe(registry, own: dict[str, str]) -> dict:
     """A tiny recipe with the sections ``own`` (kind -> component name) and a registered
     component for every other kind the recipe needs, found by a generic repair search."""
-    needed = [k for k in KINDS if k not in own and k != "spacing"]
+    needed = [k for k in KINDS if k not in own and k not in OPTIONAL_KINDS]
     candidates: dict[str, list[str]] = {}
     for kind in needed:
         entries = sorted(registry.entries(kind), key=_preference)

@@ -17,35 +17,14 @@ import torch
 from fundiff import noiselevel
 from fundiff.noiselevel import Level
 
-#: |alpha^2 + sigma^2 - 1| below this on both neighbours: they lie on a variance-preserving chain
-_VP_TOL = 1e-9
-
 
 def lam(level: Level) -> float:
     """Lu et al.'s lambda = log(alpha / sigma) = logSNR / 2 (+inf at the clean level)."""
     return 0.5 * level.logsnr
 
 
-def level_between(t: Level, s: Level, logsnr: float) -> Level:
-    """A level at ``logsnr`` on the chain of its neighbours t and s (for inner evaluations).
-
-    Samplers see levels, not the chain, so the chain is recognised from the neighbours: both
-    with alpha^2 + sigma^2 = 1 (VP: alpha^2 = sigmoid(logSNR)), both with alpha = 1 (VE);
-    otherwise log alpha is interpolated linearly in logSNR between t and s. In every case
-    alpha / sigma = exp(logSNR / 2) exactly, so an exact denoiser (one that uses the level's
-    alpha and sigma) gives exact results on any chain; only a network trained on a third kind
-    of chain may see inputs of a slightly different scale at inner points.
-    """
-    if abs(t.alpha**2 + t.sigma**2 - 1.0) <= _VP_TOL and abs(s.alpha**2 + s.sigma**2 - 1.0) <= _VP_TOL:
-        alpha, sigma = noiselevel.vp_alpha_sigma(logsnr)
-        return Level(float(logsnr), alpha, sigma)
-    if t.alpha == 1.0 and s.alpha == 1.0:
-        return Level(float(logsnr), 1.0, math.exp(-0.5 * logsnr))
-    if not (math.isfinite(t.logsnr) and math.isfinite(s.logsnr)) or t.alpha <= 0.0 or s.alpha <= 0.0:
-        raise ValueError("an inner level needs two noisy neighbours with alpha > 0")
-    w = (logsnr - t.logsnr) / (s.logsnr - t.logsnr)
-    alpha = math.exp((1.0 - w) * math.log(t.alpha) + w * math.log(s.alpha))
-    return Level(float(logsnr), alpha, alpha * math.exp(-0.5 * logsnr))
+#: inner levels on the grid's chain (shared with the other sampler families)
+level_between = noiselevel.level_between
 
 
 def phi(k: int, z: float) -> float:

@@ -13,7 +13,7 @@ import math
 
 import attrs
 
-from fundiff import Level, noiselevel
+from fundiff import noiselevel
 from fundiff.components import GAUSSIAN_NOISE
 from fundiff.config import doc, one_of
 
@@ -36,29 +36,10 @@ def brownian_needs_gaussian(sampler, components) -> list[str]:
     return []
 
 
-#: |alpha^2 + sigma^2 - 1| below this at both neighbours: a variance-preserving chain
-_VP_TOL = 1e-9
 
 
-def inner_level(t: Level, s: Level, logsnr: float) -> Level:
-    """A level at ``logsnr`` between the grid's levels t and s, on their chain.
-
-    A sampler sees levels, not the chain, so the chain is recognised from the neighbours:
-    alpha^2 + sigma^2 = 1 at both (VP: alpha^2 = sigmoid(logSNR)) or alpha = 1 at both (VE)
-    are extended exactly; otherwise log alpha is interpolated linearly in logSNR. In every
-    case alpha / sigma = exp(logSNR / 2) exactly, so a denoiser that uses the level's alpha
-    and sigma (the exact oracle) is exact on any chain.
-    """
-    if abs(t.alpha**2 + t.sigma**2 - 1.0) <= _VP_TOL and abs(s.alpha**2 + s.sigma**2 - 1.0) <= _VP_TOL:
-        alpha, sigma = noiselevel.vp_alpha_sigma(float(logsnr))
-        return Level(float(logsnr), alpha, sigma)
-    if t.alpha == 1.0 and s.alpha == 1.0:
-        return Level(float(logsnr), 1.0, math.exp(-0.5 * logsnr))
-    if not (math.isfinite(t.logsnr) and math.isfinite(s.logsnr) and t.alpha > 0.0 and s.alpha > 0.0):
-        raise ValueError("an inner level needs two noisy neighbours with alpha > 0")
-    w = (logsnr - t.logsnr) / (s.logsnr - t.logsnr)
-    alpha = math.exp((1.0 - w) * math.log(t.alpha) + w * math.log(s.alpha))
-    return Level(float(logsnr), alpha, alpha * math.exp(-0.5 * logsnr))
+#: a level between two grid levels, on their chain (fundiff.noiselevel.level_between)
+inner_level = noiselevel.level_between
 
 
 def phi2(x: float) -> float:
