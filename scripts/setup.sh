@@ -14,9 +14,11 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
 # The editable install registers fundiff's entry points (every built-in plugin is one).
+# Extras: test (pytest, hypothesis), digits (scikit-learn's bundled digits), docs (mkdocs),
+# diffusers (only for the parity tests against diffusers' schedulers; never imported at run time).
 # (this machine's pip config warns about absent local index folders; those lines are dropped)
 set +e
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,digits,docs]" 2>&1 \
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,digits,docs,diffusers]" 2>&1 \
   | grep -v "is neither a file nor a directory"
 status=${PIPESTATUS[0]}
 set -e
