@@ -404,6 +404,18 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import distill
+
+    distill(
+        args.run_dir, args.out, method=args.method, rounds=args.rounds, steps_per_round=args.steps_per_round,
+        sampler=args.sampler, lr=args.lr, pairs=args.pairs, eval_samples=args.eval_samples, quiet=args.quiet,
+        registry=_registry(args),
+    )
+    print(args.out)
+    return 0
+
+
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     """Train the noise-aware classifier of ``guidance: classifier`` on a run's data and
     forward process; stores RUN_DIR/classifier.safetensors."""
@@ -652,6 +664,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-5, help="ODE solver tolerance, relative and absolute (default 1e-5)")
     p.add_argument("--solver", help="sampler that computes it (one offering log_likelihood; default: the only one)")
     p.set_defaults(func=cmd_likelihood)
+    p = sub.add_parser("distill", help="distill a run into a faster sampler (progressive halving or one step)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--method", required=True, choices=["progressive", "one-step"], help="Salimans-Ho halving or Luhman-Luhman one step")
+    p.add_argument("--out", required=True, metavar="NEW_RUN_DIR", help="where to write the distilled run")
+    p.add_argument("--rounds", type=int, default=1, help="progressive: halvings of the run's sampler.steps (default 1)")
+    p.add_argument("--steps-per-round", type=int, default=1000, help="optimizer steps per round (default 1000)")
+    p.add_argument("--sampler", help="the distilled run's sampler (default: the run's; use a deterministic first-order one)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the run's train.lr)")
+    p.add_argument("--pairs", type=int, default=4096, help="one-step: teacher samples to regress (default 4096)")
+    p.add_argument("--eval-samples", type=int, default=1000, help="samples for each round's sliced Wasserstein (default 1000)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_distill)
     p = sub.add_parser("train-classifier", help="train the noise-aware classifier of guidance 'classifier' into RUN_DIR")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
