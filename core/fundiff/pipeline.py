@@ -112,6 +112,7 @@ def make_predict(model: torch.nn.Module, parameterization: Parameterization, var
             variance_output.level = level
         return parameterization.to_x0(out, x, level.alpha, level.sigma)
 
+    predict.model = model  # the network, for guidances that read its activations (self-guidance)
     return predict
 
 
