@@ -81,7 +81,7 @@ def test_progressive_round_beats_the_teacher_at_half_the_steps(teacher, tmp_path
     assert code == 0
     report = [json.loads(line) for line in open(out / "distill.jsonl")]
     assert [(r["teacher_steps"], r["steps"]) for r in report] == [(8, 4)]
-    assert report[0]["sliced_wasserstein"] > 0
+    assert report[0]["sliced_wasserstein"] > 0 and report[0]["run_sliced_wasserstein"] > 0
     run = fundiff.load_run(teacher)
     reference, _ = run.sample(N, seed=0)
     own, _ = run.sample(N, seed=0, steps=4)
