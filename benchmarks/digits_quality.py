@@ -185,13 +185,13 @@ def score_run(judge: Judge, run_dir: str, num_samples: int, seed: int) -> dict:
     samples, labels = pipeline.sample(num_samples, seed=seed)
     seconds = time.perf_counter() - start
     fd, label_accuracy = judge.score(samples, labels)
-    recipe = pipeline.recipe
+    recipe = pipeline.recipe.to_dict()
     return {
         "run": run_dir,
-        "parameterization": recipe.parameterization.name,
-        "weighting": recipe.weighting.name,
-        "steps": recipe.train.steps,
-        "sampler": f"{recipe.sampler.name} {getattr(recipe.sampler, 'steps', '')}".strip(),
+        "parameterization": recipe["parameterization"]["name"],
+        "weighting": recipe["weighting"]["name"],
+        "steps": recipe["train"]["steps"],
+        "sampler": f"{recipe['sampler']['name']} {recipe['sampler'].get('steps', '')}".strip(),
         "fd": fd,
         "label_accuracy": label_accuracy,
         "sample_seconds": seconds,
@@ -216,16 +216,15 @@ def run_grid(grid_dir: str, steps: int, only: Optional[Sequence[int]] = None) ->
         if only is not None and index not in only:
             continue
         run_dir = os.path.join(grid_dir, f"{parameterization['name']}-{weighting['name']}-{steps}")
-        seconds = float("nan")
-        if not os.path.exists(os.path.join(run_dir, "checkpoint.safetensors")):
+        marker = os.path.join(run_dir, "train_seconds.txt")  # written when a run has finished
+        if not os.path.exists(marker):
             start = time.perf_counter()
-            fundiff.train(grid_recipe(parameterization, weighting, steps), run_dir, quiet=True)
-            seconds = time.perf_counter() - start
-            with open(os.path.join(run_dir, "train_seconds.txt"), "w") as f:
-                f.write(f"{seconds:.1f}\n")
-        elif os.path.exists(os.path.join(run_dir, "train_seconds.txt")):
-            with open(os.path.join(run_dir, "train_seconds.txt")) as f:
-                seconds = float(f.read())
+            # resume=True continues an interrupted run from its last checkpoint (or starts fresh)
+            fundiff.train(grid_recipe(parameterization, weighting, steps), run_dir, quiet=True, resume=True)
+            with open(marker, "w") as f:
+                f.write(f"{time.perf_counter() - start:.1f}\n")
+        with open(marker) as f:
+            seconds = float(f.read())
         print(f"trained {run_dir} in {seconds:.0f} s", file=sys.stderr, flush=True)
         done.append((run_dir, seconds))
     return done
