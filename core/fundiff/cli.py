@@ -33,6 +33,7 @@ examples:
   fundiff -p no:gmm-oracle plugins      disable a plugin for one command
   fundiff convert diffusers-config scheduler_config.json --to-recipe sd.yaml
   fundiff train-classifier runs/gmm-cond   noise-aware classifier for guidance 'classifier'
+  fundiff distill runs/two-moons --method progressive --rounds 2 --out runs/two-moons-fast
   eval "$(fundiff completion bash)"      shell completion (bash; zsh: fundiff completion zsh)
   fundiff new-plugin my-designs --kind schedule --kind sampler   scaffold a plugin distribution
 """
