@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
+import fundiff
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-
-import fundiff
 from fundiff import noiselevel
 from fundiff.cli import main
 from fundiff.distill import distill, first_order_step, x0_for_step
 from helpers import RECIPES, oracle_recipe, sliced_wasserstein
+from hypothesis import given
+from hypothesis import strategies as st
 
 N = 1000  # samples compared, seed 0 (the distillers train on other draws)
 
@@ -64,7 +64,7 @@ def test_two_core_steps_equal_the_ddim_sampler(registry):
     x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     expected = registry.build("sampler", "ddim", eta=0.0).sample(denoise, x, levels)
     y = x
-    for t, s in zip(levels, levels[1:]):
+    for t, s in itertools.pairwise(levels):
         y = first_order_step(y, denoise(y, t), t.alpha, t.sigma, s.alpha, s.sigma)
     assert torch.allclose(y, expected, rtol=1e-12, atol=1e-12)
 
@@ -79,7 +79,7 @@ def test_progressive_round_beats_the_teacher_at_half_the_steps(teacher, tmp_path
     code = main(["distill", str(teacher), "--method", "progressive", "--out", str(out),
                  "--steps-per-round", "150", "--eval-samples", "256", "-q"])
     assert code == 0
-    report = [json.loads(line) for line in open(out / "distill.jsonl")]
+    report = [json.loads(line) for line in (out / "distill.jsonl").read_text().splitlines()]
     assert [(r["teacher_steps"], r["steps"]) for r in report] == [(8, 4)]
     assert report[0]["sliced_wasserstein"] > 0 and report[0]["run_sliced_wasserstein"] > 0
     run = fundiff.load_run(teacher)

@@ -29,7 +29,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -97,7 +98,7 @@ def _check_gaussian(pipeline: Pipeline) -> None:
         )
 
 
-def _output_recipe(teacher: Pipeline, steps: int, sampler: Optional[str], registry):
+def _output_recipe(teacher: Pipeline, steps: int, sampler: str | None, registry):
     data = teacher.recipe.to_dict()
     section = dict(data["sampler"]) if isinstance(data["sampler"], dict) else {"name": data["sampler"]}
     if sampler is not None and sampler != section.get("name"):
@@ -123,7 +124,7 @@ def _write_student(teacher: Pipeline, model: torch.nn.Module, steps: int, sample
     return out
 
 
-def _quality(pipeline: Pipeline, samples: int, steps: Optional[int] = None) -> float:
+def _quality(pipeline: Pipeline, samples: int, steps: int | None = None) -> float:
     """Sliced Wasserstein distance between ``samples`` samples (seed 0) and as many data points."""
     x, _ = pipeline.sample(samples, seed=0, use_ema=True, steps=steps)
     data = pipeline.data.x
@@ -219,18 +220,18 @@ def _one_step(teacher: Pipeline, student, train_steps: int, lr: float, pairs: in
 
 
 def distill(
-    run_dir: Union[str, os.PathLike],
-    out_dir: Union[str, os.PathLike],
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
     *,
     method: str = "progressive",
     rounds: int = 1,
     steps_per_round: int = 1000,
-    sampler: Optional[str] = None,
-    lr: Optional[float] = None,
+    sampler: str | None = None,
+    lr: float | None = None,
     pairs: int = 4096,
     eval_samples: int = 1000,
     quiet: bool = False,
-    registry: Optional[Registry] = None,
+    registry: Registry | None = None,
 ) -> list[dict[str, Any]]:
     """Distill the run in ``run_dir`` into a new run directory ``out_dir``; returns the report
     (one dict per round, also written to ``out_dir/distill.jsonl``).
