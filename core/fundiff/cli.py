@@ -33,6 +33,7 @@ examples:
   fundiff -p no:gmm-oracle plugins      disable a plugin for one command
   fundiff convert diffusers-config scheduler_config.json --to-recipe sd.yaml
   fundiff train-classifier runs/gmm-cond   noise-aware classifier for guidance 'classifier'
+  fundiff train-controlnet runs/digits --steps 500   ControlNet on coarse digits for guidance 'controlnet'
   fundiff distill runs/two-moons --method progressive --rounds 2 --out runs/two-moons-fast
   eval "$(fundiff completion bash)"      shell completion (bash; zsh: fundiff completion zsh)
   fundiff new-plugin my-designs --kind schedule --kind sampler   scaffold a plugin distribution
@@ -429,6 +430,15 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_controlnet(args: argparse.Namespace) -> int:
+    try:
+        from fundiff_plugins.guidances.controlnet import train_controlnet_for_run
+    except ImportError as exc:
+        raise FundiffError(f"train-controlnet needs the built-in 'controlnet' guidance plugin: {exc}") from None
+    print(train_controlnet_for_run(args.run_dir, steps=args.steps, factor=args.factor, quiet=args.quiet))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .pipeline import METRICS_FILE, load_run
     from .plotting import plot_report
@@ -682,6 +692,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_train_classifier)
+    p = sub.add_parser(
+        "train-controlnet",
+        help="train a ControlNet (coarse-image condition) for guidance 'controlnet' into RUN_DIR",
+        description="Freeze the run's U-Net, train a copy of its encoder on (data, coarse data) with the run's loss; writes RUN_DIR/controlnet.safetensors.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--factor", type=int, default=2, help="average-pooling factor of the coarse condition (default 2)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_train_controlnet)
     p = sub.add_parser(
         "new-plugin",
         help="scaffold a plugin distribution fundiff-NAME with a working example per kind",

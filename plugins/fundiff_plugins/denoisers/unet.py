@@ -39,6 +39,7 @@ condition is the class label) and are refused otherwise.
 
 from __future__ import annotations
 
+import copy
 from typing import Literal, Optional
 
 import attrs
@@ -177,6 +178,8 @@ class UNetModel(VarianceOutput):
                 skips.append(current)
                 size //= 2
         self.middle = nn.ModuleList([res(current, current), attn(current), res(current, current)])
+        #: channels of :meth:`encode`'s features: the skip tensors, then the middle block's output
+        self.feature_channels = (*skips, current)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(unet.channel_mult))):
             for i in range(unet.blocks + 1):
@@ -201,7 +204,28 @@ class UNetModel(VarianceOutput):
                 h = layer(h)
         return h
 
-    def network(self, x: torch.Tensor, logsnr: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x, logsnr, cond=None, return_variance: bool = False, residuals=None):
+        """As every denoiser; ``residuals`` (one tensor per :attr:`feature_channels` entry, e.g.
+        from a ControlNet) are added to the skip connections and the middle block's output."""
+        if residuals is None:
+            return super().forward(x, logsnr, cond, return_variance)
+        raw = self.network(x, logsnr, cond, residuals).reshape(x.shape[0], self.out_factor, *x.shape[1:])
+        if not return_variance:
+            return raw[:, 0]
+        return raw[:, 0], (raw[:, 1] if self.learned_variance else None)
+
+    def copy_encoder(self) -> "UNetModel":
+        """A trainable deep copy of the embeddings, input convolution, down path and middle
+        block (the decoder left out): run it with :meth:`encode`."""
+        encoder = copy.deepcopy(self)
+        encoder.up = nn.ModuleList()
+        encoder.out_norm = encoder.out = None
+        return encoder.requires_grad_(True)
+
+    def encode(self, x: torch.Tensor, logsnr: torch.Tensor, cond: Optional[torch.Tensor], input_residual: Optional[torch.Tensor] = None):
+        """``(features, emb, context)``: the skip tensors (input convolution, then each down
+        stage) followed by the middle block's output; ``input_residual`` is added to the input
+        convolution's output (where a ControlNet injects its condition)."""
         batch = x.shape[0]
         emb = self.noise_embedding(logsnr, x.dtype)
         context = None
@@ -220,11 +244,21 @@ class UNetModel(VarianceOutput):
                 image = x.new_zeros(batch, self.condition_channels, *x.shape[2:])
             x = torch.cat([x, image], dim=1)
         h = self.input(x)
+        if input_residual is not None:
+            h = h + input_residual.to(h.dtype)
         hs = [h]
         for layers in self.down:
             h = self._run(layers, h, emb, context)
             hs.append(h)
-        h = self._run(self.middle, h, emb, context)
+        return hs + [self._run(self.middle, h, emb, context)], emb, context
+
+    def network(self, x: torch.Tensor, logsnr: torch.Tensor, cond: Optional[torch.Tensor], residuals=None) -> torch.Tensor:
+        features, emb, context = self.encode(x, logsnr, cond)
+        if residuals is not None:
+            if len(residuals) != len(features):
+                raise ValueError(f"residuals: expected {len(features)} tensors (feature_channels), got {len(residuals)}")
+            features = [f + r.to(f.dtype) for f, r in zip(features, residuals)]
+        hs, h = features[:-1], features[-1]
         for layers in self.up:
             h = self._run(layers, torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(F.silu(self.out_norm(h)))
