@@ -4,10 +4,9 @@ block; the condition here is the 2x2 average-pooled digit (computed from the dat
 
 from __future__ import annotations
 
+import fundiff
 import pytest
 import torch
-
-import fundiff
 from fundiff.pipeline import make_predict
 from fundiff_plugins.guidances import controlnet as cn
 

@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 import attrs
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from fundiff import FundiffError, Guidance, hookimpl, rng
 from fundiff.checkpoint import load_checkpoint, save_checkpoint
 from fundiff.config import doc
+from torch import nn
+from torch.nn import functional as F
 
 #: the file ``fundiff train-controlnet RUN_DIR`` writes into the run directory
 CONTROLNET_FILE = "controlnet.safetensors"
@@ -68,7 +66,7 @@ class ControlNet(nn.Module):
         self.condition_in = _zero_conv(condition_channels, unet.input.out_channels, 3)
         self.outputs = nn.ModuleList(_zero_conv(c, c, 1) for c in unet.feature_channels)
 
-    def forward(self, x: torch.Tensor, logsnr: torch.Tensor, cond: Optional[torch.Tensor], condition: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, logsnr: torch.Tensor, cond: torch.Tensor | None, condition: torch.Tensor) -> list[torch.Tensor]:
         features, _, _ = self.encoder.encode(x, logsnr, cond, input_residual=self.condition_in(condition.to(x.dtype)))
         return [zero(f) for zero, f in zip(self.outputs, features)]
 
@@ -79,7 +77,7 @@ class Controlled(nn.Module):
     def __init__(self, unet: nn.Module, controlnet: ControlNet):
         super().__init__()
         self.unet, self.controlnet = unet, controlnet
-        self.condition: Optional[torch.Tensor] = None
+        self.condition: torch.Tensor | None = None
 
     def forward(self, x, logsnr, cond=None, return_variance: bool = False):
         residuals = self.controlnet(x, logsnr, cond, self.condition)
@@ -92,8 +90,8 @@ class Controlled(nn.Module):
 
 
 def train_controlnet(
-    pipeline, *, steps: int = 1000, batch_size: Optional[int] = None, lr: float = 1e-3, factor: int = 2,
-    path: Optional[str] = None, quiet: bool = True,
+    pipeline, *, steps: int = 1000, batch_size: int | None = None, lr: float = 1e-3, factor: int = 2,
+    path: str | None = None, quiet: bool = True,
 ) -> ControlNet:
     """Train a ControlNet on a trained :class:`fundiff.Pipeline` with the run's loss
     (``Pipeline.loss`` with the controlled network as its forward model), the condition being
@@ -206,8 +204,8 @@ class _ControlNetRun:
 
     def __init__(self, guidance: ControlNetGuidance):
         self.guidance = guidance
-        self.controlnet: Optional[ControlNet] = None
-        self.images: Optional[torch.Tensor] = None
+        self.controlnet: ControlNet | None = None
+        self.images: torch.Tensor | None = None
 
     def denoise(self, predict, x, level, cond):
         g = self.guidance

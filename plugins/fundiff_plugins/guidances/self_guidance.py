@@ -35,11 +35,9 @@ the mlp, ``mid`` in the U-Net); a name the network lacks is refused when the rec
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import attrs
 import torch
-
 from fundiff import FundiffError, Guidance, hookimpl
 from fundiff.checkpoint import load_checkpoint, save_checkpoint
 from fundiff.components import CORRUPTION_OPERATOR, GAUSSIAN_MARGINALS, GAUSSIAN_NOISE
