@@ -17,7 +17,6 @@ import sys
 
 import pytest
 
-import fundiff
 from fundiff.components import KINDS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

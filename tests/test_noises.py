@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import fundiff
-from fundiff import Data, DataSpec, NoiseStream, rng
+from fundiff import Data, DataSpec, NoiseStream
 from fundiff.components import ADDITIVE_NOISE
 from helpers import RECIPES, sliced_wasserstein
 

@@ -17,7 +17,6 @@ import itertools
 import pytest
 import torch
 from hypothesis import example, given
-from hypothesis import strategies as st
 
 import fundiff
 from fundiff import noiselevel, rng

@@ -26,7 +26,6 @@ from fundiff.testing import (
     ROUNDINGS,
     U,
     check_component,
-    check_parameterization,
     check_parameterization_agreement,
     check_stateful_weighting,
     check_weighting,

@@ -22,7 +22,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import fundiff
-from fundiff import DiscreteSchedule, noiselevel
+from fundiff import DiscreteSchedule
 from fundiff.testing import check_schedule
 
 U = float(torch.finfo(torch.float64).eps)

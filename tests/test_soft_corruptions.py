@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fundiff
-from fundiff import noiselevel, rng
+from fundiff import rng
 from fundiff.pipeline import ComponentNoise
 from helpers import RECIPES
 

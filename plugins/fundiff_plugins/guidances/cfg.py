@@ -34,7 +34,7 @@ import attrs
 import torch
 
 from fundiff import Guidance, hookimpl
-from fundiff.config import at_least, doc, in_range
+from fundiff.config import doc, in_range
 
 from ._common import conditional_and_unconditional, conditional_denoiser_problems, drop_conditions, per_sample_dims
 

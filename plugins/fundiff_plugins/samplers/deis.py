@@ -59,7 +59,7 @@ def deis_plan(grid: tuple[tuple[float, float, float], ...], order: int, variant:
     """Per step (c_x, c_0, c_1, ...): x_s = c_x x_t + sum_j c_j eps at the j-th previous level."""
     plan = []
     for i in range(len(grid) - 1):
-        (_, a_t, s_t), (lam_s, a_s, s_s) = grid[i], grid[i + 1]
+        (_, a_t, _), (_, a_s, s_s) = grid[i], grid[i + 1]
         p = min(order, i + 1)
         rho = [grid[i - j][2] / grid[i - j][1] for j in range(p)]
         rho_s = s_s / a_s

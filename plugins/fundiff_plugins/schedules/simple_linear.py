@@ -16,7 +16,6 @@ form: t = (sigmoid(-lambda) - c) / (1 - 2c).
 
 from __future__ import annotations
 
-import math
 
 import attrs
 import torch

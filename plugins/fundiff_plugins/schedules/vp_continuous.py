@@ -16,7 +16,6 @@ with L = -log alpha_bar = softplus(-lambda).
 
 from __future__ import annotations
 
-import math
 
 import attrs
 import torch
