@@ -48,6 +48,7 @@ class DPMSolverAdaptive(Sampler):
     requires = frozenset({GAUSSIAN_MARGINALS, ADDITIVE_NOISE})
     #: the error norm is a maximum over the batch: a sample's steps depend on its batch
     couples_batch = True
+    evaluations_per_step = None  # adaptive: the step count follows the error control
     steps: int = attrs.field(default=50, validator=at_least(1), metadata=doc("grid size only: integration ends at the grid's last noisy level"))
     rtol: float = attrs.field(default=0.05, validator=greater_than(0.0), metadata=doc("relative tolerance of the local error estimate"))
     atol: float = attrs.field(default=0.0078, validator=greater_than(0.0), metadata=doc("absolute tolerance (0.0078 ~ 1/128 of data in [-1, 1], Lu et al.)"))
