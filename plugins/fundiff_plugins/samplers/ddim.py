@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import attrs
+import torch
 
 from fundiff import Sampler, hookimpl, noiselevel
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
@@ -37,9 +38,11 @@ class DDIM(Sampler):
             if s.is_clean:
                 x = s.alpha * x0
             else:
-                eps = (x - t.alpha * x0) / t.sigma
+                # x_s = alpha_s x0 + d eps with eps = (x_t - alpha_t x0) / sigma_t, collected as
+                # (d / sigma_t) x_t + (alpha_s - d alpha_t / sigma_t) x0: two tensor operations
                 c = self.eta * math.sqrt(noiselevel.posterior(s, t)[2]) if self.eta > 0 else 0.0
-                x = s.alpha * x0 + math.sqrt(max(s.sigma**2 - c * c, 0.0)) * eps
+                ratio = math.sqrt(max(s.sigma**2 - c * c, 0.0)) / t.sigma
+                x = torch.add(x * ratio, x0, alpha=s.alpha - ratio * t.alpha)
                 if c > 0:
                     x = x + c * noise.sample(i)
             if callback is not None:
