@@ -143,6 +143,11 @@ class Schedule(Component):
         """lambda(t) on the host as a Python float (used for sampler grids)."""
         return float(self.logsnr(torch.tensor(t, dtype=torch.float64)))
 
+    def reaches_zero_snr(self) -> bool:
+        """True when lambda(1) = -inf: alpha = 0 at the terminal level (zero terminal SNR,
+        Lin et al. 2024), which components that divide by alpha refuse in ``check_recipe``."""
+        return self.logsnr_at(1.0) == -math.inf
+
     def logsnr_and_rate(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(lambda(t), d lambda / dt), by automatic differentiation of ``logsnr``.
 

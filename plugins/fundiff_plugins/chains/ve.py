@@ -10,7 +10,6 @@ import math
 
 import attrs
 import torch
-
 from fundiff import Chain, Level, hookimpl, noiselevel
 from fundiff.components import GAUSSIAN_MARGINALS
 
@@ -23,7 +22,7 @@ class VarianceExploding(Chain):
 
     def check_recipe(self, components):
         schedule = components.get("schedule")
-        if schedule is not None and schedule.logsnr_at(1.0) == -math.inf:
+        if schedule is not None and schedule.reaches_zero_snr():
             return [
                 "chain 've' cannot reach zero SNR: sigma = exp(-lambda / 2) is infinite at the schedule's "
                 "terminal logSNR of -inf; use chain: vp with this schedule, or a schedule with a finite end"

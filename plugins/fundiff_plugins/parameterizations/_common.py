@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 
 def refuse_zero_terminal_snr(what: str, components) -> list[str]:
     """The problem sentence for parameterizations whose x0 divides by alpha, when the
     recipe's schedule reaches zero SNR (logSNR(1) = -inf, so alpha = 0 at the last level)."""
     schedule = components.get("schedule")
-    if schedule is None:
-        return []
-    try:
-        terminal = schedule.logsnr_at(1.0)
-    except Exception:  # noqa: BLE001 - a broken schedule is reported by its own checks
-        return []
-    if terminal == -math.inf:
+    if schedule is not None and schedule.reaches_zero_snr():
         return [
             f"{what} cannot be used with schedule {type(schedule).__name__}, whose logSNR at t = 1 is -inf "
             "(zero terminal SNR): recovering x0 divides by alpha = 0 at the last step; use "

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import attrs
-
 from fundiff import Parameterization, hookimpl, noiselevel
+
+from ._common import refuse_zero_terminal_snr
 
 
 @attrs.frozen(kw_only=True)
@@ -16,20 +15,7 @@ class EpsPrediction(Parameterization):
     def check_recipe(self, components):
         """Refuse schedules that reach zero SNR (logSNR(1) = -inf, e.g. ``zero-terminal-snr``):
         there alpha = 0 and x0 = (x_t - sigma eps) / alpha cannot be formed."""
-        schedule = components.get("schedule")
-        if schedule is None:
-            return []
-        try:
-            terminal = schedule.logsnr_at(1.0)
-        except Exception:  # noqa: BLE001 - a broken schedule is reported by its own checks
-            return []
-        if terminal == -math.inf:
-            return [
-                f"eps-prediction cannot be used with schedule {type(schedule).__name__}, whose logSNR at t = 1 is "
-                "-inf (zero terminal SNR): x0 = (x_t - sigma eps) / alpha divides by alpha = 0 at the last step; "
-                "use 'parameterization: v' (or x0) instead"
-            ]
-        return []
+        return refuse_zero_terminal_snr("eps-prediction", components)
 
     def target(self, x0, eps, x_t, alpha, sigma):
         return eps

@@ -34,7 +34,6 @@ import math
 
 import attrs
 import torch
-
 from fundiff import Parameterization, hookimpl
 from fundiff.config import doc, greater_than
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import attrs
 import torch
-
 from fundiff import Parameterization, hookimpl, noiselevel
 
 from ._common import as_tensor, refuse_zero_terminal_snr

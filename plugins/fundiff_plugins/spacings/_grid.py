@@ -10,7 +10,6 @@ import math
 from typing import Sequence
 
 import torch
-
 from fundiff import DiscreteSchedule, Level
 
 #: the training-step count assumed for continuous schedules by the timestep spacings

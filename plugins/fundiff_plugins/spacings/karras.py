@@ -21,7 +21,6 @@ import math
 from typing import Optional
 
 import attrs
-
 from fundiff import Spacing, hookimpl
 from fundiff.config import doc, greater_than
 
@@ -46,7 +45,7 @@ class Karras(Spacing):
 
     def check_recipe(self, components):
         schedule = components.get("schedule")
-        if schedule is not None and self.sigma_max is None and schedule.logsnr_at(1.0) == -math.inf:
+        if schedule is not None and self.sigma_max is None and schedule.reaches_zero_snr():
             return [
                 "spacing 'karras' needs a finite largest noise level, but the schedule has zero terminal SNR "
                 "(sigma / alpha = inf at t = 1); set spacing.sigma_max (EDM uses 80)"

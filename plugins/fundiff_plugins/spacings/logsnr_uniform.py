@@ -18,7 +18,6 @@ import math
 from typing import Optional
 
 import attrs
-
 from fundiff import Spacing, hookimpl
 from fundiff.config import doc
 
@@ -38,7 +37,7 @@ class LogSNRUniform(Spacing):
 
     def check_recipe(self, components):
         schedule = components.get("schedule")
-        if schedule is not None and self.logsnr_min is None and schedule.logsnr_at(1.0) == -math.inf:
+        if schedule is not None and self.logsnr_min is None and schedule.reaches_zero_snr():
             return [
                 "spacing 'logsnr-uniform' cannot space steps evenly down to logSNR -inf (the schedule has zero "
                 "terminal SNR); set spacing.logsnr_min"

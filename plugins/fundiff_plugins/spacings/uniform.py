@@ -9,7 +9,6 @@ schedule with T divisible by ``steps`` these are grid points k = T, T - T/steps,
 from __future__ import annotations
 
 import attrs
-
 from fundiff import Spacing, hookimpl, noise_levels
 
 
