@@ -10,6 +10,7 @@ import math
 
 import attrs
 import torch
+
 from fundiff import Chain, Level, hookimpl, noiselevel
 from fundiff.components import GAUSSIAN_MARGINALS
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import attrs
 import torch
+
 from fundiff import Parameterization, hookimpl
 from fundiff.config import doc, greater_than
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import attrs
+
 from fundiff import Parameterization, hookimpl, noiselevel
 
 from ._common import refuse_zero_terminal_snr

@@ -34,6 +34,7 @@ import math
 
 import attrs
 import torch
+
 from fundiff import Parameterization, hookimpl
 from fundiff.config import doc, greater_than
 

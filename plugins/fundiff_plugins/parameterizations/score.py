@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import attrs
 import torch
+
 from fundiff import Parameterization, hookimpl, noiselevel
 
 from ._common import as_tensor, refuse_zero_terminal_snr

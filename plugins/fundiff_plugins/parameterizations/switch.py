@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import attrs
 import torch
+
 from fundiff import Parameterization, hookimpl, noiselevel
 from fundiff.config import doc
 

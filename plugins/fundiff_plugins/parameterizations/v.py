@@ -7,6 +7,7 @@ one from the core: x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2).
 from __future__ import annotations
 
 import attrs
+
 from fundiff import Parameterization, hookimpl, noiselevel
 
 

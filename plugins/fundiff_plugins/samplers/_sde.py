@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import attrs
+
 from fundiff import noiselevel
 from fundiff.components import GAUSSIAN_NOISE
 from fundiff.config import doc, one_of

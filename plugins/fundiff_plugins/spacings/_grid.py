@@ -10,6 +10,7 @@ import math
 from typing import Sequence
 
 import torch
+
 from fundiff import DiscreteSchedule, Level
 
 #: the training-step count assumed for continuous schedules by the timestep spacings

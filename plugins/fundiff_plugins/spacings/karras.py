@@ -21,6 +21,7 @@ import math
 from typing import Optional
 
 import attrs
+
 from fundiff import Spacing, hookimpl
 from fundiff.config import doc, greater_than
 

@@ -19,6 +19,7 @@ treated as T = 1000 steps on its own t (t = k / 1000).
 from __future__ import annotations
 
 import attrs
+
 from fundiff import Spacing, hookimpl
 from fundiff.config import at_least, doc
 

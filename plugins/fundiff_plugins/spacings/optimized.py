@@ -43,6 +43,7 @@ from typing import Callable, Optional, Sequence
 
 import attrs
 import torch
+
 from fundiff import FundiffError, Level, Spacing, hookimpl, rng
 from fundiff.config import at_least, doc
 

@@ -12,6 +12,7 @@ they span the whole schedule, like the ``uniform`` spacing.
 from __future__ import annotations
 
 import attrs
+
 from fundiff import Spacing, hookimpl
 
 from ._grid import check_steps, levels_at_t

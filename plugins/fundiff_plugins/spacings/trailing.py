@@ -15,6 +15,7 @@ is the ``uniform`` spacing.
 from __future__ import annotations
 
 import attrs
+
 from fundiff import Spacing, hookimpl
 
 from ._grid import check_steps, levels_at_t, train_steps

@@ -9,6 +9,7 @@ schedule with T divisible by ``steps`` these are grid points k = T, T - T/steps,
 from __future__ import annotations
 
 import attrs
+
 from fundiff import Spacing, hookimpl, noise_levels
 
 
