@@ -31,6 +31,7 @@ import sys
 
 import attrs
 import torch
+
 from fundiff import FundiffError, Guidance, hookimpl, rng
 from fundiff.checkpoint import load_checkpoint, save_checkpoint
 from fundiff.config import doc

@@ -38,6 +38,7 @@ import os
 
 import attrs
 import torch
+
 from fundiff import FundiffError, Guidance, hookimpl
 from fundiff.checkpoint import load_checkpoint, save_checkpoint
 from fundiff.components import CORRUPTION_OPERATOR, GAUSSIAN_MARGINALS, GAUSSIAN_NOISE

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import attrs
 import torch
+
 from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 

@@ -25,6 +25,7 @@ import math
 
 import attrs
 import torch
+
 from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc

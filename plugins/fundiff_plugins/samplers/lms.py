@@ -34,6 +34,7 @@ import functools
 import attrs
 import numpy as np
 import torch
+
 from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import doc, in_range, one_of

@@ -50,6 +50,7 @@ from typing import Callable, Optional
 
 import attrs
 import torch
+
 from fundiff import Sampler, hookimpl, rng
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc, greater_than, one_of

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import attrs
+
 from fundiff import Sampler, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc, greater_than
