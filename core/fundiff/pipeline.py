@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 
 from . import distributed, noiselevel, rng
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, tensor_checksum
 from .components import (
     BuildContext,
     Chain,
@@ -550,6 +550,18 @@ class Pipeline:
         return samples, (torch.cat(label_outputs) if label_outputs else None)
 
     # ---------------------------------------------------------------- state
+
+    def cache_key(self, settings: Mapping[str, Any]) -> str:
+        """A key for results measured from this pipeline's sampling model (cost tables,
+        variance estimates cached in the run directory): the training-relevant recipe,
+        ``settings``, and the checksums of the sampling network's and a learned schedule's
+        weights, so a resumed or retrained model is measured again."""
+        digest = hashlib.sha256(recipe_hash(self.recipe).encode())
+        digest.update(json.dumps(dict(settings), sort_keys=True, default=str).encode())
+        for module in (self.sampling_model(self.recipe.sample.use_ema), self.schedule_module):
+            if module is not None:
+                digest.update(tensor_checksum(module.state_dict()).encode())
+        return digest.hexdigest()
 
     def observe(self, losses: torch.Tensor, world: Optional["distributed.World"] = None) -> None:
         """After an optimizer step: let a stateful weighting learn from the batch's losses

@@ -35,8 +35,6 @@ Gaussian data with its exact denoiser, a model-free stand-in.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
 import os
 from typing import Callable, Optional, Sequence
@@ -163,27 +161,15 @@ class Optimized(Spacing):
     # ------------------------------------------------------------ with the model
 
     def cache_key(self, pipeline, grid_logsnrs: list[float]) -> str:
-        from fundiff.pipeline import recipe_hash
-
-        resolved = pipeline.recipe.to_dict()
         options = pipeline.recipe.sample
-        h = hashlib.sha256(recipe_hash(pipeline.recipe).encode())
         settings = {
-            "guidance": resolved.get("guidance"),
+            "guidance": pipeline.recipe.to_dict().get("guidance"),
             "use_ema": options.use_ema,
             "label": options.label,
             "spacing": attrs.asdict(self),
             "grid": grid_logsnrs,
         }
-        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-        for module in (pipeline.sampling_model(options.use_ema), pipeline.schedule_module):
-            if module is None:
-                continue
-            for name, tensor in sorted(module.state_dict().items()):
-                t = tensor.detach().cpu().contiguous()
-                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        return pipeline.cache_key(settings)
 
     @torch.no_grad()
     def measure(self, pipeline) -> torch.Tensor:

@@ -27,8 +27,6 @@ of unit-variance Gaussian data, sigma^2 / (alpha^2 + sigma^2) (a model-free stan
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
 import os
 from typing import Optional, Sequence
 
@@ -109,20 +107,8 @@ class Analytic(ReverseVariance):
         return noise_levels(pipeline.schedule, pipeline.chain, self.grid)[:-1]
 
     def cache_key(self, pipeline, logsnrs: list[float]) -> str:
-        from fundiff.pipeline import recipe_hash
-
-        options = pipeline.recipe.sample
-        h = hashlib.sha256(recipe_hash(pipeline.recipe).encode())
-        settings = {"use_ema": options.use_ema, "variance": attrs.asdict(self), "grid": logsnrs}
-        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-        for module in (pipeline.sampling_model(options.use_ema), pipeline.schedule_module):
-            if module is None:
-                continue
-            for name, tensor in sorted(module.state_dict().items()):
-                t = tensor.detach().cpu().contiguous()
-                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        settings = {"use_ema": pipeline.recipe.sample.use_ema, "variance": attrs.asdict(self), "grid": logsnrs}
+        return pipeline.cache_key(settings)
 
     @torch.no_grad()
     def measure(self, pipeline) -> torch.Tensor:
