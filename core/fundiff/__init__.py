@@ -7,7 +7,8 @@ names one component of each kind. See docs/architecture.md.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 from . import noiselevel, rng
 from .components import (
@@ -21,13 +22,14 @@ from .components import (
     Denoiser,
     DiscreteSchedule,
     Guidance,
-    Noise,
     LevelTensors,
+    Noise,
     Parameterization,
     ReverseVariance,
     Sampler,
     Schedule,
     Spacing,
+    TrainingBatch,
     Weighting,
 )
 from .errors import FundiffError, PluginError, RecipeError
@@ -65,29 +67,30 @@ __all__ = [
     "FundiffError",
     "Guidance",
     "Level",
+    "LevelTensors",
     "Noise",
     "NoiseStream",
     "Parameterization",
+    "Pipeline",
     "PluginError",
-    "LevelTensors",
     "Recipe",
     "RecipeError",
-    "ReverseVariance",
     "Registry",
+    "ReverseVariance",
     "SampleConfig",
     "Sampler",
     "Schedule",
     "Spacing",
     "TrainConfig",
+    "TrainingBatch",
     "Weighting",
     "hookimpl",
     "load_recipe",
+    "load_run",
+    "make_denoise",
+    "noise_levels",
     "noiselevel",
     "rng",
-    "Pipeline",
-    "train",
     "sample",
-    "load_run",
-    "noise_levels",
-    "make_denoise",
+    "train",
 ]

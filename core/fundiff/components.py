@@ -50,6 +50,8 @@ GAUSSIAN_MARGINALS = "gaussian-marginals"  # chain: x_t = alpha x0 + sigma eps
 GAUSSIAN_NOISE = "gaussian-noise"  # noise: eps ~ N(0, I)
 ADDITIVE_NOISE = "additive-noise"  # noise: zero-mean noise added to the signal, any distribution
 CORRUPTION_OPERATOR = "corruption-operator"  # noise: a (soft) linear operator degrades x0
+CATEGORICAL_STATE = "categorical-state"  # chain: the state is one-hot over classes (axis 1 of a batch)
+MANIFOLD_STATE = "manifold-state"  # chain: the state lies on a manifold (Level.chain has its maps)
 
 
 class Component(metaclass=abc.ABCMeta):
@@ -252,12 +254,43 @@ class Noise(Component):
 
 
 class Chain(Component):
-    """A transition chain: maps logSNR to (alpha, sigma), perturbs data, gives the prior.
+    """A transition chain (survey sec. 3.2): perturbation, prior and reverse-time dynamics.
 
-    Gaussian chains provide ``"gaussian-marginals"``: x_t = alpha x0 + sigma eps.
+    Gaussian chains provide ``"gaussian-marginals"``: x_t = alpha x0 + sigma eps, with
+    (alpha, sigma) a function of the logSNR lambda that the chain defines. Every such chain
+    has one linear SDE with those marginals; ``forward_sde``, ``reverse_sde`` and ``pf_ode``
+    give it for any ``alpha_sigma`` (override ``dlog_alpha_dlogsnr`` with a closed form).
+
+    Chains whose state is not additive Gaussian (categorical, manifold, coupled systems,
+    latent codes) extend the interface instead of bending it; every extension point below
+    has a default that is right for a plain Gaussian chain:
+
+    - ``state_spec(spec)``: the shape the chain and the network work on (default: the data's);
+    - ``encode`` / ``decode``: data to state and back (latent chains; default identity);
+    - ``build_module``: a chain with fitted or trained state (a data-estimated prior, a
+      generator for a truncated chain, an autoencoder) returns a module implementing this
+      same interface plus ``fit(pipeline)``; the pipeline uses it as the chain, calls ``fit``
+      before training and stores its tensors in checkpoints;
+    - ``training_logsnr(logsnr, schedule)``: the levels the chain trains at, from the
+      weighting's draws (a discrete-time chain moves them onto its grid; default unchanged);
+    - ``training_losses(batch)``: the chain's own objective (None: the Gaussian denoising
+      loss of the recipe's parameterization and weighting);
+    - ``initial_state(level, source)``: the sampler's starting state from a noise source
+      (default ``prior(level, source.sample(0))``);
+    - ``sampling_levels(levels, schedule)``: cut or change the sampling grid (a truncated
+      chain starts at its truncation level, a discrete-time chain keeps to its grid).
+
+    ``level(logsnr)`` results carry the chain (``Level.chain``), so samplers can reach
+    chain-specific maps without seeing the recipe.
     """
 
     kind = "chain"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        method = cls.__dict__.get("level")
+        if method is not None and not getattr(method, "__isabstractmethod__", False) and not getattr(method, "_attaches_chain", False):
+            cls.level = _attaching_chain(method)
 
     @abc.abstractmethod
     def alpha_sigma(self, logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,6 +307,124 @@ class Chain(Component):
     @abc.abstractmethod
     def prior(self, level: Level, noise: torch.Tensor) -> torch.Tensor:
         """The sampler's initial state at ``level`` from standard noise."""
+
+    # ---------------------------------------------------------- extension points
+
+    def state_spec(self, spec: DataSpec) -> DataSpec:
+        """The spec of the chain's state (what the denoiser sees); default: the data's."""
+        return spec
+
+    def encode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Data (B, *data shape) to the chain's state at the clean level (default: identity)."""
+        return x0
+
+    def decode(self, state: torch.Tensor) -> torch.Tensor:
+        """The chain's clean state back to data (default: identity)."""
+        return state
+
+    def build_module(self, spec: DataSpec) -> "Optional[torch.nn.Module]":
+        """A chain with fitted state returns a module here (see the class docstring)."""
+        return None
+
+    def fit(self, pipeline: Any) -> None:
+        """Fit the chain's own state before the denoiser trains (a module's ``fit``; the
+        pipeline calls it once per run, also on resume, so it must skip when already fitted)."""
+
+    def training_losses(self, batch: "TrainingBatch") -> Optional[torch.Tensor]:
+        """The (B,) per-example losses of the chain's own objective, or None for the Gaussian
+        denoising loss (parameterization target, weighting, reverse variance)."""
+        return None
+
+    def initial_state(self, level: Level, source: "PriorSource") -> torch.Tensor:
+        """The sampler's initial state at ``level``; ``source.sample(draw)`` gives the recipe's
+        noise of the state's shape and ``source.uniform(draw)`` uniforms on (0, 1)."""
+        return self.prior(level, source.sample(0))
+
+    def training_logsnr(self, logsnr: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+        """The (B,) float64 logSNRs a training batch is perturbed to, from the weighting's draws
+        ``logsnr`` and the recipe's ``schedule`` (default: unchanged). The weighting's loss
+        weight is then evaluated at the returned levels."""
+        return logsnr
+
+    def sampling_levels(self, levels: list[Level], schedule: Schedule) -> list[Level]:
+        """The grid a sampler walks, from the spacing's grid and the recipe's ``schedule``
+        (default: unchanged)."""
+        return levels
+
+    # ---------------------------------------------------------- Gaussian dynamics
+
+    def dlog_alpha_dlogsnr(self, logsnr: float) -> float:
+        """d log(alpha) / d lambda at one level, by autograd through ``alpha_sigma`` in float64
+        (chains override this with a closed form)."""
+        lam = torch.tensor(float(logsnr), dtype=torch.float64, requires_grad=True)
+        alpha, _ = self.alpha_sigma(lam)
+        (grad,) = torch.autograd.grad(torch.log(alpha), lam)
+        return float(grad)
+
+    def forward_sde(self, level: Level) -> tuple[float, float]:
+        """(f, g^2) of the forward SDE dx = f x dtau + g dW in the time tau = -lambda.
+
+        With marginals x = alpha x0 + sigma eps, matching the mean gives f = d log alpha / dtau
+        and matching the variance gives g^2 = d sigma^2 / dtau - 2 f sigma^2
+        = alpha^2 d(sigma^2 / alpha^2) / dtau = sigma^2 (since sigma^2 / alpha^2 = e^tau):
+        every Gaussian chain diffuses at rate sigma^2 per unit of -lambda (Song et al. 2021,
+        eq. 5, written in lambda; Kingma et al. 2021, appendix)."""
+        return -self.dlog_alpha_dlogsnr(level.logsnr), level.sigma**2
+
+    def reverse_sde(self, x: torch.Tensor, x0_hat: torch.Tensor, level: Level) -> tuple[torch.Tensor, float]:
+        """(drift, g) of the reverse SDE in tau = -lambda: dx = (f x - g^2 score) dtau + g dW
+        run backwards in tau (Anderson 1982; Song et al. 2021, eq. 6), with the score from the
+        x0 estimate, score = (alpha x0_hat - x) / sigma^2."""
+        f, g2 = self.forward_sde(level)
+        score = (level.alpha * x0_hat - x) / level.sigma**2
+        return f * x - g2 * score, math.sqrt(g2)
+
+    def pf_ode(self, x: torch.Tensor, x0_hat: torch.Tensor, level: Level) -> torch.Tensor:
+        """dx / dtau of the probability-flow ODE, f x - g^2 score / 2 (Song et al. 2021, eq. 13)."""
+        f, g2 = self.forward_sde(level)
+        score = (level.alpha * x0_hat - x) / level.sigma**2
+        return f * x - 0.5 * g2 * score
+
+
+def _attaching_chain(method: Callable[..., Level]) -> Callable[..., Level]:
+    import functools
+
+    @functools.wraps(method)
+    def level(self, logsnr: float) -> Level:
+        made = method(self, logsnr)
+        return made if made.chain is self else attrs.evolve(made, chain=self)
+
+    level._attaches_chain = True  # type: ignore[attr-defined]
+    return level
+
+
+class PriorSource(Protocol):
+    """Random numbers for a chain's initial state: per-sample, keyed by the sampling seed."""
+
+    def sample(self, draw: int) -> torch.Tensor: ...
+
+    def uniform(self, draw: int) -> torch.Tensor: ...
+
+
+@attrs.frozen(kw_only=True)
+class TrainingBatch:
+    """What ``Chain.training_losses`` sees for one optimizer step's batch (or a rank's slice).
+
+    ``x0`` is the encoded clean state (B, *state shape); ``logsnr`` (B,) float64 drawn by the
+    weighting (``log_extra`` its optional per-sample log weight); ``noise.sample(draw)`` and
+    ``noise.uniform(draw)`` give per-sample random numbers of the state's shape that depend
+    only on (seed, step, position); ``network(x, logsnr, cond)`` runs the denoiser under the
+    recipe's precision; ``components`` are the recipe's (with fitted modules in place).
+    """
+
+    x0: torch.Tensor
+    cond: Optional[torch.Tensor]
+    logsnr: torch.Tensor
+    log_extra: Optional[torch.Tensor]
+    noise: Any
+    network: Callable[..., torch.Tensor]
+    components: dict
+    step: int
 
 
 # --------------------------------------------------------------------------------------

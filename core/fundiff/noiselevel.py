@@ -21,7 +21,7 @@ All functions are float64-safe: pass float64 tensors and the result is float64.
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Any, Union
 
 import attrs
 import torch
@@ -90,6 +90,9 @@ class Level:
     logsnr: float
     alpha: float
     sigma: float
+    #: the chain that made this level (set by ``Chain.level``): samplers reach the chain's
+    #: own math through it (exact inner levels, categorical posteriors, manifold maps)
+    chain: Any = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def is_clean(self) -> bool:
@@ -107,8 +110,11 @@ def level_between(t: Level, s: Level, logsnr: float) -> Level:
     with alpha^2 + sigma^2 = 1 (VP: alpha^2 = sigmoid(lambda)) or both with alpha = 1 (VE) are
     extended exactly; otherwise log alpha is interpolated linearly in lambda. In every case
     alpha / sigma = exp(lambda / 2) exactly, so a denoiser that uses the level's own alpha and
-    sigma (an exact one) is exact on any chain.
+    sigma (an exact one) is exact on any chain. A level made by a chain (``level.chain`` set)
+    asks that chain, which is exact for every chain.
     """
+    if t.chain is not None:
+        return t.chain.level(float(logsnr))
     if abs(t.alpha**2 + t.sigma**2 - 1.0) <= _VP_TOL and abs(s.alpha**2 + s.sigma**2 - 1.0) <= _VP_TOL:
         alpha, sigma = vp_alpha_sigma(float(logsnr))
         return Level(float(logsnr), alpha, sigma)

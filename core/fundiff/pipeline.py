@@ -41,6 +41,7 @@ from .components import (
     ReverseVariance,
     Sampler,
     Schedule,
+    TrainingBatch,
     Weighting,
 )
 from .errors import FundiffError
@@ -169,6 +170,11 @@ class ComponentNoise:
     def sample(self, draw: int) -> torch.Tensor:
         return self.noise.sample(self.stream, draw)
 
+    def uniform(self, draw: int) -> torch.Tensor:
+        """Uniforms on (0, 1) of the state's shape from the same per-sample stream (for
+        categorical or other non-Gaussian draws; draw indices are shared with ``sample``)."""
+        return self.stream.uniform(draw)
+
     def variance(self, s: Level, t: Level) -> "float | torch.Tensor | None":
         """The recipe's reverse variance of p(x_s | x_t) (None without a ``variance`` section),
         from the network's variance output of its most recent call at level ``t`` when the
@@ -191,6 +197,33 @@ class ComponentNoise:
         """The noise type's operator C at a host-side level (identity for additive noise)."""
         logsnr = torch.full((x0.shape[0],), level.logsnr, dtype=x0.dtype, device=x0.device)
         return self.noise.corrupt(x0, logsnr)
+
+
+class _TrainingNoise:
+    """Per-sample random numbers of one training step for ``Chain.training_losses``:
+    ``sample(draw)`` the recipe's noise type, ``uniform(draw)`` uniforms; draw 0 is the
+    draw the Gaussian loss uses (the step's noise), further draws are the chain's own."""
+
+    def __init__(self, noise: "Noise", stream: rng.NoiseStream, step: int):
+        self.noise, self.stream, self.step = noise, stream, step
+
+    def _draw(self, draw: int) -> int:
+        # one draw index per (step, draw): steps are < 2^40, chains use a handful of draws
+        return self.step + (draw << 40)
+
+    def sample(self, draw: int = 0) -> torch.Tensor:
+        return self.noise.sample(self.stream, self._draw(draw))
+
+    def uniform(self, draw: int = 0) -> torch.Tensor:
+        return self.stream.uniform(self._draw(draw))
+
+
+def _under_autocast(network: torch.nn.Module, device: torch.device, precision: str) -> Callable[..., torch.Tensor]:
+    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with autocast(device, precision):
+            return network(*args, **kwargs)
+
+    return run
 
 
 # --------------------------------------------------------------------------------------
@@ -246,7 +279,13 @@ class Pipeline:
         self.spec = self.data_set.spec()
         self.denoiser = recipe["denoiser"]
         self.uses_labels = self.denoiser.uses_labels(self.spec)
-        context = BuildContext(spec=self.spec, components=dict(recipe.components))
+        # a chain with fitted state (data-estimated prior, generator, autoencoder) is a module
+        self.chain_module = recipe["chain"].build_module(self.spec)
+        if self.chain_module is not None:
+            self.chain_module = self.chain_module.to(self.device)
+        #: the shape the chain and the denoiser work on (the data's, unless the chain says otherwise)
+        self.state_spec = self.chain.state_spec(self.spec)
+        context = BuildContext(spec=self.state_spec, components=dict(recipe.components))
         check_memory(self.denoiser, context, recipe, self.device)
         torch.manual_seed(recipe.train.seed)  # initialisation depends on the seed alone
         self.model = self.denoiser.build(context).to(self.device)
@@ -288,7 +327,14 @@ class Pipeline:
 
     @property
     def chain(self) -> Chain:
-        return self.recipe["chain"]
+        return self.chain_module if self.chain_module is not None else self.recipe["chain"]
+
+    @property
+    def components(self) -> dict:
+        """The recipe's components, with fitted or learned modules in place of their specs."""
+        components = dict(self.recipe.components)
+        components.update(chain=self.chain, schedule=self.schedule, weighting=self.weighting)
+        return components
 
     @property
     def parameterization(self) -> Parameterization:
@@ -340,23 +386,39 @@ class Pipeline:
         # positions in the global batch: a rank of a distributed run computes its slice
         positions = torch.arange(batch_size) if positions is None else positions
         index = (rng.uniform(seed, rng.STREAM_TRAIN_DATA, step, positions) * data.x.shape[0]).long()
-        x0 = data.x[index].to(self.device)
+        chain = self.chain
+        x0 = chain.encode(data.x[index].to(self.device))
         cond = data.labels[index].to(self.device) if self.uses_labels and data.labels is not None else None
         u_level = rng.uniform(seed, rng.STREAM_TRAIN_LEVEL, step, positions)
         logsnr, log_extra = self.weighting.draw(u_level.to(self.device), self.schedule)
         logsnr = logsnr.to(torch.float64)
-        alpha, sigma = self.chain.alpha_sigma(logsnr)
         stream = rng.NoiseStream(
-            seed, positions, self.spec.shape, stream=rng.STREAM_TRAIN_NOISE, device=self.device, dtype=x0.dtype
+            seed, positions, self.state_spec.shape, stream=rng.STREAM_TRAIN_NOISE, device=self.device, dtype=x0.dtype
         )
+        if cond is not None:
+            cond = self.guidance.training_condition(cond, rng.uniform(seed, rng.STREAM_TRAIN_COND, step, positions).to(self.device))
+        network = self.forward_model if self.forward_model is not None else self.model
+        own = chain.training_losses(
+            TrainingBatch(
+                x0=x0,
+                cond=cond,
+                logsnr=logsnr,
+                log_extra=log_extra,
+                noise=_TrainingNoise(self.noise, stream, step),
+                network=_under_autocast(network, self.device, recipe.train.precision),
+                components=self.components,
+                step=step,
+            )
+        )
+        if own is not None:  # the chain's own objective (categorical, manifold, coupled chains)
+            self.last_logsnr = logsnr.detach()
+            return own
+        alpha, sigma = chain.alpha_sigma(logsnr)
         eps = self.noise.sample(stream, step)
         a = noiselevel.append_dims(alpha.to(self.device, x0.dtype), x0.ndim)
         s = noiselevel.append_dims(sigma.to(self.device, x0.dtype), x0.ndim)
-        x_t = self.chain.perturb(self.noise.corrupt(x0, logsnr.to(self.device, x0.dtype)), eps, a, s)
-        if cond is not None:
-            cond = self.guidance.training_condition(cond, rng.uniform(seed, rng.STREAM_TRAIN_COND, step, positions).to(self.device))
+        x_t = chain.perturb(self.noise.corrupt(x0, logsnr.to(self.device, x0.dtype)), eps, a, s)
         param = self.parameterization
-        network = self.forward_model if self.forward_model is not None else self.model
         reverse_variance = recipe.get("variance")
         learns_variance = reverse_variance is not None and type(reverse_variance).needs_network
         v = None
@@ -376,7 +438,7 @@ class Pipeline:
         if learns_variance:
             # the reverse variance's own term (improved DDPM's L_vlb), at levels s below t
             level_t = LevelTensors(logsnr=logsnr, alpha=alpha, sigma=sigma)
-            level_s = reverse_variance.training_levels(level_t, self.schedule, self.chain)
+            level_s = reverse_variance.training_levels(level_t, self.schedule, chain)
             if level_s is not None:
                 x0_hat = param.to_x0(out, x_t, a, s)
                 v = v.to(x0.dtype) if v is not None else None
@@ -403,8 +465,10 @@ class Pipeline:
         spacing = self.recipe.get("spacing")
         steps = steps or sampler.steps
         if spacing is None:
-            return noise_levels(self.schedule, self.chain, steps)
-        return spacing.prepare(self, self.run_dir).levels(self.schedule, self.chain, steps)
+            levels = noise_levels(self.schedule, self.chain, steps)
+        else:
+            levels = spacing.prepare(self, self.run_dir).levels(self.schedule, self.chain, steps)
+        return self.chain.sampling_levels(levels)
 
     def reverse_variance(self) -> Optional[ReverseVariance]:
         """The recipe's reverse variance prepared for this pipeline's model and run directory
@@ -499,6 +563,7 @@ class Pipeline:
         sampler = sampler or self.sampler
         levels = self.truncate(self.levels(steps, sampler), strength if init is not None else None, stop_logsnr)
         stop = levels[-1] if not levels[-1].is_clean else None  # truncated: a final denoise there
+        chain = self.chain
         model = self.sampling_model(use_ema)
         model.eval()
         precision = options.precision
@@ -507,16 +572,18 @@ class Pipeline:
         for begin in range(start, start + num_samples, batch_size):
             ids = torch.arange(begin, min(begin + batch_size, start + num_samples))
             noise_type = self.noise
-            prior = rng.NoiseStream(seed, ids, self.spec.shape, stream=rng.STREAM_PRIOR, device=self.device, dtype=dtype)
-            eps = noise_type.sample(prior, 0)
+            prior = ComponentNoise(
+                noise_type, rng.NoiseStream(seed, ids, self.state_spec.shape, stream=rng.STREAM_PRIOR, device=self.device, dtype=dtype)
+            )
             if init is None:
-                x = self.chain.prior(levels[0], eps)
+                x = chain.initial_state(levels[0], prior)
             else:  # truncation: init perturbed to the start level with this sample's prior noise
                 rows = init[ids] if init.shape[0] > 1 else init.expand(ids.numel(), *init.shape[1:])
                 first = levels[0]
-                x0 = noise_type.corrupt(rows.to(self.device, dtype), torch.full((ids.numel(),), first.logsnr, dtype=dtype, device=self.device))
-                x = self.chain.perturb(x0, eps, torch.tensor(first.alpha, dtype=dtype, device=self.device), torch.tensor(first.sigma, dtype=dtype, device=self.device))
-            stream = rng.NoiseStream(seed, ids, self.spec.shape, stream=rng.STREAM_SAMPLER, device=self.device, dtype=dtype)
+                x0 = chain.encode(rows.to(self.device, dtype))
+                x0 = noise_type.corrupt(x0, torch.full((ids.numel(),), first.logsnr, dtype=dtype, device=self.device))
+                x = chain.perturb(x0, prior.sample(0), torch.tensor(first.alpha, dtype=dtype, device=self.device), torch.tensor(first.sigma, dtype=dtype, device=self.device))
+            stream = rng.NoiseStream(seed, ids, self.state_spec.shape, stream=rng.STREAM_SAMPLER, device=self.device, dtype=dtype)
             variance_output = VarianceOutput() if reverse_variance is not None and type(reverse_variance).needs_network else None
             noise = ComponentNoise(noise_type, stream, reverse_variance, variance_output)
             cond = self.labels_for(ids, seed, label)
@@ -536,7 +603,7 @@ class Pipeline:
                 )
             if stop is not None:
                 x = denoise(x, stop)
-            outputs.append(x.cpu())
+            outputs.append(chain.decode(x).cpu())
             if cond is not None:
                 label_outputs.append(cond.cpu())
             if progress is not None:
@@ -580,6 +647,8 @@ class Pipeline:
             tensors.update({f"weighting.{k}": v for k, v in self.weighting_module.state_dict().items()})
         if self.schedule_module is not None:
             tensors.update({f"schedule.{k}": v for k, v in self.schedule_module.state_dict().items()})
+        if self.chain_module is not None:
+            tensors.update({f"chain.{k}": v for k, v in self.chain_module.state_dict().items()})
         if self.ema_model is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema_model.state_dict().items()})
         if optimizer is not None:
@@ -598,6 +667,8 @@ class Pipeline:
                 self.schedule_module.load_state_dict(part("schedule."))
             if self.weighting_module is not None:
                 self.weighting_module.load_state_dict(part("weighting."))
+            if self.chain_module is not None:
+                self.chain_module.load_state_dict(part("chain."))
             if self.ema_model is not None:
                 ema = part("ema.")
                 self.ema_model.load_state_dict(ema if ema else part("model."))
@@ -792,6 +863,9 @@ def train(
         pipeline.step = int(metadata["step"])
         if world.is_main:
             _truncate_metrics(metrics_path, pipeline.step)
+    # a chain's own state (prior statistics, generator, autoencoder) is fitted first; its
+    # fit is deterministic, so every rank fits the same state, and a resumed one skips it
+    pipeline.chain.fit(pipeline)
     distributed.barrier(world)
     if world.is_main:
         _write_run_files(run_dir, recipe)
