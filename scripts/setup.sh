@@ -26,4 +26,9 @@ if [ "$status" -ne 0 ]; then
   echo "setup: pip install failed (exit $status)" >&2
   exit "$status"
 fi
+# k-diffusion, only for the parity tests: its wheel is pure Python and the tests load its
+# sampling module alone, so it goes in without its (training and evaluation) dependencies.
+.venv/bin/python -m pip show k-diffusion >/dev/null 2>&1 \
+  || .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "k-diffusion==0.1.1.post1" 2>&1 \
+  | grep -v "is neither a file nor a directory" || true
 .venv/bin/python -c "import fundiff, torch; print(f'fundiff {fundiff.__version__} ready (torch {torch.__version__})')"
