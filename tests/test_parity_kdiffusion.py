@@ -9,10 +9,8 @@ Gaussian-mixture posterior mean), and for the stochastic ones with the same nois
 draws are recorded and replayed to k-diffusion's ``noise_sampler`` in the order they were
 made.
 
-Only ``k_diffusion/sampling.py`` is loaded (the package's ``__init__`` pulls in training and
-evaluation modules with many dependencies); the two modules it imports for solvers not
-compared here (``torchdiffeq``, ``torchsde``) are stubbed while it loads, and its one use of
-``utils`` (``append_dims``) is given. Skipped when k-diffusion is not installed
+Only ``k_diffusion/sampling.py`` is loaded (``fundiff.parity.kdiffusion_sampling``: the
+package's ``__init__`` pulls in training and evaluation modules with many dependencies). Skipped when k-diffusion is not installed
 (``scripts/setup.sh`` installs it without dependencies for the test run).
 
 Tolerances: both sides run in float64 with the same operations up to reassociation, so the
@@ -26,17 +24,14 @@ only. Measured: 2e-15 to 8e-15 for every case.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
 
 from fundiff import Level, rng
+from fundiff.parity import kdiffusion_sampling
 from fundiff_plugins.denoisers.gmm_oracle import MixtureDenoiser
 
 pytestmark = pytest.mark.parity
@@ -45,38 +40,12 @@ STEPS = 10
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
 
 
-def _load_kdiffusion_sampling() -> types.ModuleType:
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "sampling.py"
-    package = types.ModuleType("_kdiffusion_parity")
-    package.__path__ = []  # a namespace for the one submodule loaded here
-    utils = types.ModuleType("_kdiffusion_parity.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    package.utils = utils
-    stubs = {"torchdiffeq": types.ModuleType("torchdiffeq"), "torchsde": types.ModuleType("torchsde")}
-    stubs["torchdiffeq"].odeint = None
-    saved = {name: sys.modules.get(name) for name in (*stubs, "_kdiffusion_parity", "_kdiffusion_parity.utils")}
-    sys.modules.update(stubs)
-    sys.modules["_kdiffusion_parity"] = package
-    sys.modules["_kdiffusion_parity.utils"] = utils
-    try:
-        module_spec = importlib.util.spec_from_file_location("_kdiffusion_parity.sampling", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = previous
-    return module
-
-
 @pytest.fixture(scope="module")
 def kd():
-    return _load_kdiffusion_sampling()
+    module = kdiffusion_sampling()
+    if module is None:
+        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion)")
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +87,19 @@ CASES = {
     "euler": (("euler", {}), ("sample_euler", {})),
     "euler-ancestral": (("euler-ancestral", {"eta": 1.0}), ("sample_euler_ancestral", {"eta": 1.0})),
     "heun": (("heun", {}), ("sample_heun", {})),
-    "heun-churn": (("heun", {"s_churn": 4.0, "s_tmin": 0.05, "s_tmax": 50.0}), ("sample_heun", {"s_churn": 4.0, "s_tmin": 0.05, "s_tmax": 50.0})),
+    "heun-churn": (
+        ("heun", {"s_churn": 4.0, "s_tmin": 0.05, "s_tmax": 50.0}),
+        ("sample_heun", {"s_churn": 4.0, "s_tmin": 0.05, "s_tmax": 50.0}),
+    ),
     "dpm2": (("dpm2", {}), ("sample_dpm_2", {})),
     "lms": (("lms", {"order": 4}), ("sample_lms", {"order": 4})),
     "dpmpp-2s-ancestral": (("dpmpp-2s-ancestral", {"eta": 1.0}), ("sample_dpmpp_2s_ancestral", {"eta": 1.0})),
     "dpmpp-2m": (("dpmpp-2m", {}), ("sample_dpmpp_2m", {})),
     "dpmpp-2m-sde": (("dpmpp-2m-sde", {"eta": 1.0}), ("sample_dpmpp_2m_sde", {"eta": 1.0, "solver_type": "midpoint"})),
-    "dpmpp-2m-sde-heun": (("dpmpp-2m-sde", {"eta": 1.0, "solver_type": "heun"}), ("sample_dpmpp_2m_sde", {"eta": 1.0, "solver_type": "heun"})),
+    "dpmpp-2m-sde-heun": (
+        ("dpmpp-2m-sde", {"eta": 1.0, "solver_type": "heun"}),
+        ("sample_dpmpp_2m_sde", {"eta": 1.0, "solver_type": "heun"}),
+    ),
     "dpmpp-3m-sde": (("dpmpp-3m-sde", {"eta": 1.0}), ("sample_dpmpp_3m_sde", {"eta": 1.0})),
 }
 
