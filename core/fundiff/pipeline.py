@@ -55,7 +55,7 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 METRICS_FILE = "metrics.jsonl"
 
 # Recipe entries that may differ between a checkpoint and the recipe that resumes it.
-_RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.log_every", "train.device"}
+_RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.log_every", "train.device", "train.parallel"}
 
 
 # --------------------------------------------------------------------------------------
@@ -251,21 +251,26 @@ def check_memory(denoiser, context: BuildContext, recipe: Recipe, device: torch.
     The network is built on the ``meta`` device (shapes only, no memory) to count its
     parameters; training needs about 5 copies in float32 (weights, gradients, two AdamW
     moments, EMA). Activations are not estimated, so this catches only the gross cases.
-    A denoiser that cannot be built on ``meta`` is not estimated.
+    A denoiser that cannot be built on ``meta`` is not estimated. Under ``train.parallel:
+    fsdp`` with W processes the five copies are split W ways, but each rank first builds the
+    whole model (one copy).
     """
     try:
         with torch.device("meta"):
             params = sum(p.numel() for p in denoiser.build(context).parameters())
     except Exception:  # noqa: BLE001 - the estimate is best effort
         return
-    need = params * 4 * (5 if type(denoiser).trainable else 1)
+    copies = 5.0 if type(denoiser).trainable else 1.0
+    shards = int(os.environ.get("WORLD_SIZE", "1")) if recipe.train.parallel == "fsdp" else 1
+    need = params * 4 * max(1.0, copies / shards)
     available = _available_memory(device)
     if available is not None and need > available:
         gib = 1024**3
+        fix = "; or shard it across processes with train.parallel: fsdp under torchrun" if shards == 1 and copies > 1 else ""
         raise FundiffError(
             f"denoiser '{recipe.names.get('denoiser', '?')}' has {params:,} parameters: training needs about "
             f"{need / gib:.1f} GiB for weights, gradients, AdamW state and EMA, but {available / gib:.1f} GiB is "
-            f"available on {device}; make the denoiser smaller (e.g. its width or depth)"
+            f"available on {device}; make the denoiser smaller (e.g. its width or depth){fix}"
         )
 
 
@@ -678,13 +683,22 @@ class Pipeline:
                 "it was written for a different recipe"
             ) from None
         if optimizer is not None:
-            state: dict[int, dict[str, torch.Tensor]] = {}
-            for key, value in part("optim.").items():
-                index, _, name = key.partition(".")
+            self.load_optimizer_state(tensors, optimizer)
+
+    def load_optimizer_state(self, tensors: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer's state from a checkpoint's ``optim.INDEX.NAME`` tensors (full tensors;
+        under FSDP each is sliced as its parameter is)."""
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                index, _, name = key[len("optim.") :].partition(".")
                 state.setdefault(int(index), {})[name] = value
-            saved = optimizer.state_dict()
-            saved["state"] = state
-            optimizer.load_state_dict(saved)
+        # under FSDP each parameter is a slice: its moments are sliced the same way
+        params = [param for group in optimizer.param_groups for param in group["params"]]
+        state = {i: {k: distributed.shard_like(v, params[i]) for k, v in entry.items()} for i, entry in state.items()}
+        saved = optimizer.state_dict()
+        saved["state"] = state
+        optimizer.load_state_dict(saved)
 
 
 # --------------------------------------------------------------------------------------
@@ -740,14 +754,21 @@ def _write_run_files(run_dir: str, recipe: Recipe) -> None:
     atomic_write_text(os.path.join(run_dir, PLUGINS_FILE), json.dumps(info, indent=2) + "\n")
 
 
-def _save(pipeline: Pipeline, optimizer: Optional[torch.optim.Optimizer], run_dir: str) -> None:
+def _save(
+    pipeline: Pipeline, optimizer: Optional[torch.optim.Optimizer], run_dir: str, world: Optional["distributed.World"] = None
+) -> None:
+    """Write the checkpoint from rank 0. With sharded (FSDP) state every rank must call this:
+    the full tensors are gathered onto rank 0, so the file is the unsharded format."""
     from . import __version__
 
-    save_checkpoint(
-        os.path.join(run_dir, CHECKPOINT_FILE),
-        pipeline.state_tensors(optimizer),
-        {"step": str(pipeline.step), "fundiff_version": __version__, "recipe_hash": recipe_hash(pipeline.recipe)},
-    )
+    world = world or distributed.World()
+    tensors = distributed.gather_state(pipeline.state_tensors(optimizer), world)
+    if world.is_main:
+        save_checkpoint(
+            os.path.join(run_dir, CHECKPOINT_FILE),
+            tensors,
+            {"step": str(pipeline.step), "fundiff_version": __version__, "recipe_hash": recipe_hash(pipeline.recipe)},
+        )
 
 
 def _checkpoint_step(run_dir: str) -> str:
@@ -788,7 +809,9 @@ def _nonfinite_loss_report(pipeline: Pipeline, step: int, losses: torch.Tensor, 
 
 
 def _nonfinite_gradient_report(pipeline: Pipeline, step: int) -> str:
-    names = [n for n, p in pipeline.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    names = [
+        n for n, p in pipeline.model.named_parameters() if p.grad is not None and not torch.isfinite(distributed.local(p.grad)).all()
+    ]
     where = f"denoiser '{pipeline.recipe.names['denoiser']}' parameters {names[:3]}" if names else "the learned schedule's parameters"
     return f"gradients are not finite at step {step} (the loss is finite) in {where}"
 
@@ -852,14 +875,13 @@ def train(
         )
     pipeline = Pipeline(recipe, device=device)
     pipeline.run_dir = run_dir
-    optimizer = _make_optimizer(pipeline) if pipeline.trainable else None
     if has_checkpoint:
         tensors, metadata = load_checkpoint(checkpoint_path)
         # the stored file as written, or the recipe as this version resolves it (the file is
         # rewritten on resume, so a crash between the two writes leaves either)
         if metadata.get("recipe_hash") not in (recipe_hash(stored), recipe_hash(recipe)):
             raise FundiffError(f"{checkpoint_path} does not belong to the run's recipe.yaml (was the file edited?)")
-        pipeline.load_state_tensors(tensors, optimizer)
+        pipeline.load_state_tensors(tensors)  # the weights, before any sharding; the optimizer's state below
         pipeline.step = int(metadata["step"])
         if world.is_main:
             _truncate_metrics(metrics_path, pipeline.step)
@@ -884,14 +906,28 @@ def train(
 
     from tqdm import tqdm
 
+    sharded = world.active and options.parallel == "fsdp"
+    if options.parallel == "fsdp" and not world.active and not quiet:
+        print("train.parallel: fsdp shards across torchrun processes; one process trains unsharded", file=sys.stderr)
+    skeletons: dict[str, torch.nn.Module] = {}
+    if sharded:
+        # FSDP2 in place; the EMA copy is sharded the same way, so its slices line up with the
+        # model's and the EMA update below stays elementwise on each rank
+        skeletons["model"] = distributed.shard(pipeline.model)
+        if pipeline.ema_model is not None:
+            skeletons["ema"] = distributed.shard(pipeline.ema_model)
+    optimizer = _make_optimizer(pipeline)  # after sharding: it must hold the sharded parameters
+    if has_checkpoint:
+        pipeline.load_optimizer_state(tensors, optimizer)
     local = options.batch_size // world.size
     positions = torch.arange(world.rank * local, (world.rank + 1) * local)
     extra_params: list[torch.nn.Parameter] = []
     if world.active:
         from torch.nn.parallel import DistributedDataParallel
 
-        pipeline.forward_model = DistributedDataParallel(pipeline.model)
-        # a learned schedule's parameters are outside the DDP module: averaged by hand below
+        if not sharded:
+            pipeline.forward_model = DistributedDataParallel(pipeline.model)
+        # a learned schedule's parameters are outside the DDP / FSDP module: averaged by hand below
         extra_params = list(pipeline.schedule_module.parameters()) if pipeline.schedule_module is not None else []
     bar = tqdm(total=options.steps, initial=pipeline.step, disable=quiet, desc="train", unit="step", dynamic_ncols=True)
     pipeline.model.train()
@@ -916,7 +952,10 @@ def train(
                     if param.grad is not None:
                         param.grad.copy_(distributed.mean(param.grad, world))
                 grads = [p.grad for p in pipeline.parameters() if p.grad is not None]
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+                if sharded:
+                    grad_norm = distributed.gradient_norm(grads, world)
+                else:
+                    grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
                 if not math.isfinite(grad_norm):
                     problem = _nonfinite_gradient_report(pipeline, step)
             if problem is not None:
@@ -935,7 +974,9 @@ def train(
                     metrics.flush()
                 bar.update(1)
                 continue
-            if options.grad_clip > 0:
+            if options.grad_clip > 0 and sharded:
+                distributed.clip_gradients(grads, grad_norm, options.grad_clip)
+            elif options.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(pipeline.parameters(), options.grad_clip)
             optimizer.step()
             pipeline.observe(losses, world)
@@ -962,14 +1003,20 @@ def train(
                     metrics.flush()
                 bar.set_postfix(loss=f"{running / count:.4f}")
                 running, count = 0.0, 0
-            if world.is_main and (pipeline.step % options.checkpoint_every == 0 or pipeline.step == options.steps):
-                _save(pipeline, optimizer, run_dir)
+            if (world.is_main or sharded) and (pipeline.step % options.checkpoint_every == 0 or pipeline.step == options.steps):
+                _save(pipeline, optimizer, run_dir, world)
             bar.update(1)
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
     pipeline.forward_model = None
+    if sharded:
+        # the returned pipeline holds plain modules with the full weights, as after DDP
+        del optimizer
+        pipeline.model = distributed.unshard(pipeline.model, skeletons["model"], device)
+        if pipeline.ema_model is not None:
+            pipeline.ema_model = distributed.unshard(pipeline.ema_model, skeletons["ema"], device)
     distributed.barrier(world)
     return pipeline
 

@@ -62,6 +62,13 @@ class TrainConfig:
         default="stop",
         metadata=doc("a NaN/Inf loss or gradient: stop (naming step, component and noise level) or skip the batch"),
     )
+    parallel: Literal["ddp", "fsdp"] = attrs.field(
+        default="ddp",
+        metadata=doc(
+            "under torchrun: ddp (every rank holds the whole model) or fsdp (weights, gradients, AdamW state and EMA "
+            "sharded across ranks; docs/scaling.md); no effect in one process"
+        ),
+    )
 
 
 @attrs.frozen(kw_only=True)

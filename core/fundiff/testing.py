@@ -63,6 +63,7 @@ __all__ = [
     "check_chain",
     "check_component",
     "check_data",
+    "check_fsdp",
     "check_noise",
     "check_parameterization",
     "check_parameterization_agreement",
@@ -1018,3 +1019,64 @@ def check_component(kind: str, component: Any, **context: Any) -> None:
     if not isinstance(component, base):
         raise AssertionError(f"{_name(component)} is not a fundiff.{base.__name__} (kind {kind!r})")
     _CHECKS[kind](component, **context)
+
+
+# --------------------------------------------------------------------------------------
+# Denoiser networks under FSDP (train.parallel: fsdp)
+# --------------------------------------------------------------------------------------
+
+
+def check_fsdp(network: torch.nn.Module, *inputs: Any, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Check that a denoiser network trains under ``train.parallel: fsdp``.
+
+    A copy of ``network`` is sharded as the trainer shards it
+    (:func:`fundiff.distributed.shard`: its :func:`~fundiff.distributed.shard_units`, then
+    the root) on the current process group, or on a one-process gloo group made for the
+    check; its output on ``inputs`` (e.g. ``x, logsnr, labels``) and the gradients of the
+    mean squared output must equal the plain copy's, and unsharding must give back the
+    weights exactly. A unit whose parameters are used outside its own ``forward`` fails here
+    (a sharded parameter meets a whole tensor); give the network an ``fsdp_units()`` method
+    returning the modules that may be sharded on their own. With one process, sharding and
+    the gradient reduce-scatter are copies, so output and gradients differ from the plain
+    copy's by the order of float32 sums at most: ``rtol`` and ``atol`` bound that.
+    """
+    import copy
+    import os
+    import shutil
+    import tempfile
+
+    import torch.distributed as dist
+
+    from . import distributed
+
+    made_group, store = False, None
+    if not dist.is_initialized():
+        store = tempfile.mkdtemp(prefix="fundiff-fsdp-check-")
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(store, 'store')}", rank=0, world_size=1)
+        made_group = True
+    try:
+        plain, sharded = copy.deepcopy(network), copy.deepcopy(network)
+        skeleton = distributed.shard(sharded)
+        expected, actual = plain(*inputs), sharded(*inputs)
+        if not torch.allclose(actual, expected, rtol=rtol, atol=atol):
+            _fail(network, f"sharded output differs from the plain network's by {float((actual - expected).abs().max()):.3g}")
+        expected.square().mean().backward()
+        actual.square().mean().backward()
+        grads = dict(plain.named_parameters())
+        for name, param in sharded.named_parameters():
+            if (param.grad is None) != (grads[name].grad is None):
+                _fail(network, f"parameter {name} gets a gradient in only one of the plain and the sharded network")
+            if param.grad is None:
+                continue
+            full = param.grad.full_tensor() if distributed.is_sharded(param.grad) else param.grad
+            if not torch.allclose(full, grads[name].grad, rtol=rtol, atol=atol):
+                _fail(network, f"sharded gradient of {name} differs by {float((full - grads[name].grad).abs().max()):.3g}")
+        back = distributed.unshard(sharded, skeleton, next(iter(grads.values())).device)
+        restored = back.state_dict()
+        for name, tensor in plain.state_dict().items():
+            if not torch.equal(restored[name], tensor):
+                _fail(network, f"unsharding does not give back {name} exactly")
+    finally:
+        if made_group:
+            dist.destroy_process_group()
+            shutil.rmtree(store, ignore_errors=True)
