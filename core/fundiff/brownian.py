@@ -225,6 +225,7 @@ class BrownianTree:
                 f"Brownian tree: times {a!r} and {b!r} are closer than its resolution 2^-{self.depth}; "
                 "use fewer steps or fresh noise"
             )
+        rng.refuse_host_draw(self.device, "Brownian-tree noise")
         d = (self._value(mb) - self._value(ma)) * (1.0 / math.sqrt(abs(mb - ma) * self.resolution))
         return torch.from_numpy(d.reshape(-1, *self.sample_shape)).to(device=self.device, dtype=self.dtype, non_blocking=True)
 
@@ -256,4 +257,12 @@ class StepNoise:
     def __call__(self, draw: int, a: Level, b: Level) -> torch.Tensor:
         if self.tree is None:
             return self.source.sample(draw)
+        return self.tree.normal(level_time(a), level_time(b))
+
+    def operand(self, executor: Any, draw: int, a: Level, b: Level):
+        """As a call, for a fused step (:mod:`fundiff.fused`): fresh draws through
+        ``executor.noise`` (drawn inside the kernel where the backend can), Brownian
+        increments as tensors."""
+        if self.tree is None:
+            return executor.noise(self.source, draw)
         return self.tree.normal(level_time(a), level_time(b))

@@ -43,6 +43,7 @@ import torch
 from .noiselevel import Level
 
 if TYPE_CHECKING:
+    from .fused import Prediction
     from .rng import NoiseStream
 
 #: Capability names used by the built-in components. Third-party ones may add their own.
@@ -235,6 +236,9 @@ class Noise(Component):
     kind = "noise"
     #: set True if the noise type estimates something from the data (see ``bind``)
     needs_data: ClassVar[bool] = False
+    #: set True when ``sample(stream, draw)`` is exactly ``stream.normal(draw)``: a fused
+    #: sampling step may then draw the noise inside its kernel from the same Philox counters
+    standard_normal: ClassVar[bool] = False
 
     @abc.abstractmethod
     def sample(self, stream: "NoiseStream", draw: int) -> torch.Tensor: ...
@@ -563,6 +567,17 @@ class Guidance(Component):
     def denoise(
         self, predict: ConditionalPredict, x: torch.Tensor, level: Level, cond: Optional[torch.Tensor]
     ) -> torch.Tensor: ...
+
+    def denoise_deferred(
+        self, predict: ConditionalPredict, x: torch.Tensor, level: Level, cond: Optional[torch.Tensor]
+    ) -> "Optional[Prediction]":
+        """The guided estimate with its final combine left to a fused sampling step: a
+        :class:`fundiff.fused.Prediction` holding the branches ``predict`` returned and the
+        weights (plus rescale / threshold / clip) that ``denoise`` would apply to them, so the
+        step's kernel combines them in the same pass as the update. Return None (the default)
+        where the guidance is not such a combine at this level; the driver then calls
+        ``denoise``. Both must give the same estimate up to float32 rounding."""
+        return None
 
 
 def _at_least_one(instance: Any, attribute: attrs.Attribute, value: int) -> None:

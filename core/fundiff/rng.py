@@ -68,6 +68,18 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int) -> tuple[torch.Tensor, torch.Te
     return tuple(torch.from_numpy(w.astype(np.int64)) for w in out)  # type: ignore[return-value]
 
 
+def refuse_host_draw(device: torch.device, what: str = "the sampler's fresh noise") -> None:
+    """Raise when numbers drawn here, on the host, are about to be copied to a CUDA device
+    inside a CUDA graph capture: the captured copy would replay stale host memory."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        from .errors import FundiffError
+
+        raise FundiffError(
+            f"{what} is drawn on the host and cannot be captured in a CUDA graph; use sample.backend: triton "
+            "(noise drawn in the kernels) with gaussian noise and fresh (not brownian) draws, or set sample.cuda_graphs: false"
+        )
+
+
 def _uniform_from_bits(bits):
     """uint32 -> float64 uniform on the open interval (0, 1) (tensor in, tensor out; array in, array out)."""
     if isinstance(bits, torch.Tensor):
@@ -163,12 +175,36 @@ class NoiseStream:
         self.stream = stream
         self.device = torch.device(device)
         self.dtype = dtype
+        self._device_ids: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.sample_ids.numel()
 
+    @property
+    def device_ids(self) -> torch.Tensor:
+        """The sample ids on ``device`` (copied once): what a fused kernel drawing this stream's
+        noise reads, and what a replayed CUDA graph gets new ids through (updated in place)."""
+        if self._device_ids is None:
+            self._device_ids = self.sample_ids.to(self.device)
+        return self._device_ids
+
+    def philox(self, draw: int):
+        """``normal(draw)`` by its key instead of its values: a :class:`fundiff.fused.PhiloxNormal`
+        that a fused sampling step draws inside its kernel from the same Philox counters."""
+        from .fused.step import PhiloxNormal
+
+        return PhiloxNormal(
+            seed=self.seed,
+            stream=self.stream,
+            draw=draw,
+            sample_ids=self.sample_ids,
+            sample_shape=self.sample_shape,
+            device_ids=self.device_ids,
+        )
+
     def normal(self, draw: int) -> torch.Tensor:
+        refuse_host_draw(self.device)
         z = normal(self.seed, self.stream, draw, self.sample_ids, self.sample_shape)
         return z.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
@@ -181,6 +217,7 @@ class NoiseStream:
         return self.normal(draw)
 
     def uniform(self, draw: int) -> torch.Tensor:
+        refuse_host_draw(self.device)
         u = uniform(self.seed, self.stream, draw, self.sample_ids, self.sample_shape)
         return u.to(device=self.device, dtype=self.dtype, non_blocking=True)
 

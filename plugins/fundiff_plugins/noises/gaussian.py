@@ -14,6 +14,7 @@ class Gaussian(Noise):
     """Standard normal noise, eps ~ N(0, I), one stream per sample."""
 
     provides = frozenset({GAUSSIAN_NOISE, ADDITIVE_NOISE})
+    standard_normal = True  # sample is stream.normal: fused steps draw it in their kernels
 
     def sample(self, stream: NoiseStream, draw: int) -> torch.Tensor:
         return stream.normal(draw)
