@@ -285,6 +285,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         ("guidance.name", args.guidance),
         ("spacing.name", args.spacing),
         ("sample.stop_logsnr", args.stop_at),
+        ("sample.backend", args.backend),
+        ("sample.cuda_graphs", True if args.cuda_graphs else None),
     ):
         if value is not None:
             overrides[key] = value
@@ -647,6 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="samples per batch (does not change the samples)")
     p.add_argument("--label", type=int, help="class label for conditional denoisers")
     p.add_argument("--format", choices=["safetensors", "npz"], help="tensor file format")
+    p.add_argument(
+        "--backend", choices=["auto", "torch", "triton"], help="fused sampling steps: triton kernels or the torch reference (sample.backend)"
+    )
+    p.add_argument("--cuda-graphs", action="store_true", help="capture the sampling loop in a CUDA graph and replay it (sample.cuda_graphs)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override sampler.*, guidance.* or sample.* (repeatable)")
     p.add_argument("--out", help="output path without extension (default RUN_DIR/samples/SAMPLER-STEPS-SEED)")
     p.add_argument("--no-plot", action="store_true", help="do not write a picture")

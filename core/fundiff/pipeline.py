@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from . import distributed, noiselevel, rng
+from . import distributed, fused, noiselevel, rng
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, tensor_checksum
 from .components import (
     BuildContext,
@@ -84,6 +84,17 @@ def _with_autocast(denoise: Denoise, device: torch.device, precision: str, dtype
             x0 = denoise(x, level)
         return x0.to(dtype)
 
+    inner = getattr(denoise, "deferred", None)
+    if inner is not None:
+
+        def deferred(x: torch.Tensor, level: Level):
+            with autocast(device, precision):
+                x0 = inner(x, level)
+            # a deferred prediction keeps its branches in the autocast dtype: the fused step
+            # reads them as they are (less traffic than casting them first)
+            return x0.to(dtype) if isinstance(x0, torch.Tensor) else x0
+
+        run.deferred = deferred
     return run
 
 
@@ -136,6 +147,14 @@ def make_denoise(
     def denoise(x: torch.Tensor, level: Level) -> torch.Tensor:
         return run.denoise(predict, x, level, cond)
 
+    def deferred(x: torch.Tensor, level: Level):
+        # for fused steps (fundiff.fused): the guidance's branches and combine weights when it
+        # can leave the combine to the step, else the guided estimate as ``denoise`` gives it
+        method = getattr(run, "denoise_deferred", None)  # a run object need not be a Guidance
+        prediction = method(predict, x, level, cond) if method is not None else None
+        return prediction if prediction is not None else run.denoise(predict, x, level, cond)
+
+    denoise.deferred = deferred
     return denoise
 
 
@@ -169,6 +188,11 @@ class ComponentNoise:
 
     def sample(self, draw: int) -> torch.Tensor:
         return self.noise.sample(self.stream, draw)
+
+    def philox(self, draw: int):
+        """``sample(draw)`` by its key (a :class:`fundiff.fused.PhiloxNormal`) when the noise type
+        is the stream's standard normal, else None: then fused steps take the drawn tensor."""
+        return self.stream.philox(draw) if getattr(type(self.noise), "standard_normal", False) else None
 
     def uniform(self, draw: int) -> torch.Tensor:
         """Uniforms on (0, 1) of the state's shape from the same per-sample stream (for
@@ -538,6 +562,8 @@ class Pipeline:
         init: Optional[torch.Tensor] = None,
         strength: float = 1.0,
         stop_logsnr: Optional[float] = None,
+        backend: Optional[str] = None,
+        cuda_graphs: Optional[bool] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Draw samples ``start .. start + num_samples - 1``; returns (samples, labels).
 
@@ -549,6 +575,10 @@ class Pipeline:
         of the grid (image-to-image; ``num_samples`` defaults to N - start). ``stop_logsnr``
         (default ``sample.stop_logsnr``) ends the walk at that logSNR and returns the
         denoiser's x0 estimate there.
+
+        ``backend`` and ``cuda_graphs`` (default ``sample.backend``, ``sample.cuda_graphs``):
+        how the sampler's fused steps run (docs/fused-steps.md); they do not change the samples
+        beyond float32 rounding.
         """
         options = self.recipe.sample
         if init is not None:
@@ -566,6 +596,8 @@ class Pipeline:
         label = options.label if label is None else label
         use_ema = options.use_ema if use_ema is None else use_ema
         sampler = sampler or self.sampler
+        backend = options.backend if backend is None else backend
+        graphed = self._sampling_graphs(sampler, options.cuda_graphs if cuda_graphs is None else cuda_graphs)
         levels = self.truncate(self.levels(steps, sampler), strength if init is not None else None, stop_logsnr)
         stop = levels[-1] if not levels[-1].is_clean else None  # truncated: a final denoise there
         chain = self.chain
@@ -596,7 +628,14 @@ class Pipeline:
             if precision != "fp32":
                 denoise = _with_autocast(denoise, self.device, precision, dtype)
             finite: list[torch.Tensor] = []  # one device flag per step: checked after the loop, no sync inside
-            x = sampler.sample(denoise, x, levels, noise, lambda i, x_i, x0_i: finite.append(torch.isfinite(x_i).all()))
+            if backend != "auto":
+                fused.executor(x, backend)  # an explicitly requested backend that cannot run is an error
+            with fused.use_backend(backend):
+                if graphed is None:
+                    x = sampler.sample(denoise, x, levels, noise, lambda i, x_i, x0_i: finite.append(torch.isfinite(x_i).all()))
+                else:  # captured once per batch shape, replayed with this batch's x, sample ids and labels
+                    run = lambda x_in, record, denoise=denoise, noise=noise: sampler.sample(denoise, x_in, levels, noise, record)
+                    x, finite = graphed(run, x, [stream.device_ids, cond])
             if finite and not bool(torch.stack(finite).all()):
                 first = int(torch.nonzero(~torch.stack(finite))[0])
                 name = self.recipe.names.get("sampler", type(sampler).__name__) if sampler is self.sampler else type(sampler).__name__
@@ -620,6 +659,22 @@ class Pipeline:
                 "(eps-prediction diverges where alpha -> 0)"
             )
         return samples, (torch.cat(label_outputs) if label_outputs else None)
+
+    def _sampling_graphs(self, sampler: Sampler, enabled: bool) -> "Optional[fused.graphs.GraphedSampling]":
+        """The CUDA-graph runner of one ``sample`` call, or None when ``sample.cuda_graphs`` is off."""
+        if not enabled:
+            return None
+        name = self.recipe.names.get("sampler", type(sampler).__name__) if sampler is self.sampler else type(sampler).__name__
+        if self.device.type != "cuda":
+            raise FundiffError(f"sample.cuda_graphs needs a CUDA device, but sampling runs on {self.device}; set sample.device: cuda or turn it off")
+        if type(sampler).couples_batch or getattr(sampler, "evaluations_per_step", 1) is None:
+            raise FundiffError(
+                f"sample.cuda_graphs: sampler '{name}' chooses its steps from the data (a host synchronisation per step), "
+                "so its loop cannot be captured; use a fixed-step sampler or set sample.cuda_graphs: false"
+            )
+        from .fused.graphs import GraphedSampling
+
+        return GraphedSampling(name)
 
     # ---------------------------------------------------------------- state
 

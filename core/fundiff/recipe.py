@@ -93,6 +93,17 @@ class SampleConfig:
         default=None,
         metadata=doc("truncation: stop the sampler at this logSNR and return the denoiser's x0 estimate there (default: sample to clean data)"),
     )
+    backend: Literal["auto", "torch", "triton"] = attrs.field(
+        default="auto",
+        metadata=doc(
+            "fused sampling steps (docs/fused-steps.md): triton kernels on CUDA, torch the reference; "
+            "auto = triton on CUDA when it imports, else torch"
+        ),
+    )
+    cuda_graphs: bool = attrs.field(
+        default=False,
+        metadata=doc("capture the whole sampling loop (denoiser and steps) in a CUDA graph once per batch shape and replay it (CUDA only)"),
+    )
 
 
 OPTION_SECTIONS: dict[str, type] = {"train": TrainConfig, "sample": SampleConfig}

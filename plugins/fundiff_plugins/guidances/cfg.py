@@ -23,6 +23,13 @@ Options:
   limited interval improves sample and distribution quality", sec. 3): guidance applies
   only at levels with lambda_low <= logSNR <= lambda_high; elsewhere the conditional
   prediction is used (one forward pass, the conditional branch only).
+* ``dynamic_threshold`` p (Saharia et al. 2022, "Photorealistic text-to-image diffusion
+  models with deep language understanding", sec. 2.3): after the combine (and rescale), per
+  sample s = max(p-quantile of |x0|, 1) and x0 <- clamp(x0, -s, s) / s, which keeps x0 in
+  [-1, 1] at large w without saturating it; for data scaled to [-1, 1].
+
+Fused sampling steps (``fundiff.fused``) get the two branches and the weights (w, 1 - w) from
+``denoise_deferred`` and combine them (rescale and threshold included) in the step's kernel.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from typing import Literal, Optional
 import attrs
 import torch
 
-from fundiff import Guidance, hookimpl
+from fundiff import Guidance, fused, hookimpl
 from fundiff.config import doc, in_range
 
 from ._common import conditional_and_unconditional, conditional_denoiser_problems, drop_conditions, per_sample_dims
@@ -82,6 +89,11 @@ class CFG(Guidance):
     interval: Optional[tuple[float, float]] = attrs.field(
         default=None, validator=_interval, metadata=doc("[logsnr_low, logsnr_high] where guidance applies (default: everywhere)")
     )
+    dynamic_threshold: Optional[float] = attrs.field(
+        default=None,
+        validator=in_range(0.0, 1.0, low_open=True),
+        metadata=doc("quantile p of Imagen's dynamic thresholding (e.g. 0.995; default off): x0 clamped to [-s, s] and divided by s"),
+    )
 
     def check_recipe(self, components):
         return conditional_denoiser_problems("cfg", components)
@@ -98,7 +110,27 @@ class CFG(Guidance):
         x0_c, x0_u = conditional_and_unconditional(predict, x, level, cond)
         # lerp: x0_u + w (x0_c - x0_u), exactly x0_u at w = 0 and exactly x0_c at w = 1
         guided = torch.lerp(x0_u, x0_c, self.scale)
-        return rescale_guided(guided, x0_c, self.rescale, x, level, self.rescale_space)
+        guided = rescale_guided(guided, x0_c, self.rescale, x, level, self.rescale_space)
+        if self.dynamic_threshold is not None:
+            s = fused.threshold_scale(guided, self.dynamic_threshold).to(guided.dtype).reshape(-1, *([1] * (guided.ndim - 1)))
+            guided = torch.maximum(torch.minimum(guided, s), -s) / s
+        return guided
+
+    def denoise_deferred(self, predict, x, level, cond):
+        """The two branches and the weights (w, 1 - w), with the rescale's space as a linear map
+        (x0: v = x0; eps: v = x / sigma - (alpha / sigma) x0) and the threshold, for a fused step."""
+        if not self.applies(level):
+            return None  # outside the interval: the conditional branch alone, as ``denoise``
+        x0_c, x0_u = conditional_and_unconditional(predict, x, level, cond)
+        rescale = None
+        if self.rescale > 0.0:
+            if self.rescale_space == "x0":
+                rescale = fused.Rescale(phi=self.rescale)
+            elif level.alpha > 0.0 and level.sigma > 0.0:  # as rescale_guided: none at the chain's ends
+                rescale = fused.Rescale(phi=self.rescale, to_x=1.0 / level.sigma, to_pred=-level.alpha / level.sigma)
+        return fused.Prediction(
+            branches=(x0_c, x0_u), weights=(self.scale, 1.0 - self.scale), x=x, rescale=rescale, threshold=self.dynamic_threshold
+        )
 
 
 @hookimpl

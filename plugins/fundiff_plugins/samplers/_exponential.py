@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from fundiff import noiselevel
+from fundiff import fused, noiselevel
 from fundiff.noiselevel import Level
 
 
@@ -77,21 +77,23 @@ def solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
     return out
 
 
-def zero_snr_start(denoise, x: torch.Tensor, levels, callback):
+def zero_snr_start(denoise, x: torch.Tensor, levels, callback, ex=None):
     """Take the first step as DDIM when the first level has alpha = 0 (logSNR = -inf).
 
     At a zero-terminal-SNR level (Lin et al. 2024) lam = -inf: noise-prediction forms divide
     by alpha and multistep weights see an infinite step, but the exact solution's limit is
     the DDIM step x_s = alpha_s D + (sigma_s / sigma_t) x (eps = x / sigma_t there). Returns
     (x, levels, offset): the state after that step, the remaining levels and the callback
-    index offset (0 and the input unchanged when alpha > 0).
+    index offset (0 and the input unchanged when alpha > 0). The step is a fused step
+    (:mod:`fundiff.fused`) on ``ex``, the run's executor (default: the one for ``x``).
     """
     t = levels[0]
     if t.alpha > 0.0 or len(levels) < 2:
         return x, levels, 0
     s = levels[1]
-    x0 = denoise(x, t)
-    x = x0 * s.alpha if s.is_clean else lincomb(((s.alpha, x0), (s.sigma / t.sigma, x)))
+    ex = ex if ex is not None else fused.executor(x)
+    x0 = ex.predict(denoise, x, t)
+    x, x0 = ex.step(((s.alpha, x0),) if s.is_clean else ((s.alpha, x0), (s.sigma / t.sigma, x)), ((1.0, x0),))
     if callback is not None:
         callback(0, x, x0)
     return x, levels[1:], 1

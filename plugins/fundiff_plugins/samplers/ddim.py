@@ -7,7 +7,8 @@ x0_hat) / sigma_t:
 
 where var_post is the variance of q(x_s | x_t, x0) (eq. 16: eta = 1 is DDPM's ancestral
 step with the posterior variance, eta = 0 the deterministic DDIM, a first-order solver of
-the probability-flow ODE).
+the probability-flow ODE). Each step is one fused step (:mod:`fundiff.fused`): the new x and
+the x0 estimate (guidance combined) from one pass over x, the denoiser's branches and the noise.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from __future__ import annotations
 import math
 
 import attrs
-import torch
 
-from fundiff import Sampler, hookimpl, noiselevel
+from fundiff import Sampler, fused, hookimpl, noiselevel
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import doc, in_range
 
@@ -32,19 +32,21 @@ class DDIM(Sampler):
     def sample(self, denoise, x, levels, noise=None, callback=None):
         if self.eta > 0 and noise is None:
             raise ValueError("ddim with eta > 0 needs a noise stream")
+        ex = fused.executor(x)
         for i in range(len(levels) - 1):
             t, s = levels[i], levels[i + 1]
-            x0 = denoise(x, t)
+            x0 = ex.predict(denoise, x, t)
             if s.is_clean:
-                x = s.alpha * x0
+                x, x0 = ex.step(((s.alpha, x0),), ((1.0, x0),))
             else:
                 # x_s = alpha_s x0 + d eps with eps = (x_t - alpha_t x0) / sigma_t, collected as
-                # (d / sigma_t) x_t + (alpha_s - d alpha_t / sigma_t) x0: two tensor operations
+                # (d / sigma_t) x_t + (alpha_s - d alpha_t / sigma_t) x0 (+ c z)
                 c = self.eta * math.sqrt(noiselevel.posterior(s, t)[2]) if self.eta > 0 else 0.0
                 ratio = math.sqrt(max(s.sigma**2 - c * c, 0.0)) / t.sigma
-                x = torch.add(x * ratio, x0, alpha=s.alpha - ratio * t.alpha)
+                terms = [(ratio, x), (s.alpha - ratio * t.alpha, x0)]
                 if c > 0:
-                    x = x + c * noise.sample(i)
+                    terms.append((c, ex.noise(noise, i)))
+                x, x0 = ex.step(terms, ((1.0, x0),))
             if callback is not None:
                 callback(i, x, x0)
         return x

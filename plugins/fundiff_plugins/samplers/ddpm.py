@@ -5,6 +5,8 @@ two-marginal posterior mean from the core math (VDM eq. 7), the variance the pos
 ("fixed small", beta tilde in the DDPM paper) unless the recipe has a ``variance`` section:
 then the step's variance is that component's (``noise.variance(s, t)``: fixed-large beta,
 improved DDPM's learned range, Analytic-DPM's estimate; a float or a per-element tensor).
+Each step is one fused step (:mod:`fundiff.fused`); a per-element variance tensor adds its
+noise term outside it (its coefficient is not a host float).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import attrs
 import torch
 
-from fundiff import Sampler, hookimpl, noiselevel
+from fundiff import Sampler, fused, hookimpl, noiselevel
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 
 
@@ -27,17 +29,19 @@ class DDPM(Sampler):
     def sample(self, denoise, x, levels, noise=None, callback=None):
         if noise is None:
             raise ValueError("ddpm needs a noise stream")
+        ex = fused.executor(x)
         for i in range(len(levels) - 1):
             t, s = levels[i], levels[i + 1]
-            x0 = denoise(x, t)
+            x0 = ex.predict(denoise, x, t)
             coef_x0, coef_xt, var = noiselevel.posterior(s, t)
-            x = coef_x0 * x0 + coef_xt * x
             chosen = noise.variance(s, t) if hasattr(noise, "variance") else None
             var = var if chosen is None else chosen
+            terms = [(coef_x0, x0), (coef_xt, x)]
+            if not isinstance(var, torch.Tensor) and var > 0:
+                terms.append((math.sqrt(var), ex.noise(noise, i)))
+            x, x0 = ex.step(terms, ((1.0, x0),))
             if isinstance(var, torch.Tensor):
                 x = x + var.to(x.dtype).sqrt() * noise.sample(i)
-            elif var > 0:
-                x = x + math.sqrt(var) * noise.sample(i)
             if callback is not None:
                 callback(i, x, x0)
         return x

@@ -26,7 +26,9 @@ Order 1 of either is DDIM. The paper's tAB-DEIS (a polynomial in the time t) nee
 level's t, which a sampler does not receive (levels carry logSNR, alpha, sigma), so it is not
 offered. Warm-up: step i uses order min(order, i + 1). Weights are cached per grid. A first
 level with alpha = 0 (zero terminal SNR, rho = inf) is left by a DDIM step, the exact limit
-there, and the polynomial history starts at the next level.
+there, and the polynomial history starts at the next level. Each step is one fused step
+(:mod:`fundiff.fused`): eps_t (kept as history), x_s with eps_t's two terms folded in, and the
+x0 estimate, from one pass over x, the denoiser's branches and the older eps.
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ import math
 import attrs
 import numpy as np
 
-from fundiff import Sampler, hookimpl
+from fundiff import Sampler, fused, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import doc, in_range, one_of
 
-from ._exponential import lincomb, zero_snr_start
+from ._exponential import zero_snr_start
 
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(16)
 
@@ -89,15 +91,19 @@ class DEIS(Sampler):
     variant: str = attrs.field(default="rhoAB", validator=one_of("rhoAB", "lambdaAB"), metadata=doc("polynomial in rho = sigma / alpha (rhoAB) or in log rho = -logSNR / 2 (lambdaAB)"))
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
-        x, levels, offset = zero_snr_start(denoise, x, levels, callback)
+        ex = fused.executor(x)
+        x, levels, offset = zero_snr_start(denoise, x, levels, callback, ex)
         plan = deis_plan(tuple((lv.logsnr, lv.alpha, lv.sigma) for lv in levels), self.order, self.variant)
         history: list = []  # eps estimates, newest first
         for i, coefs in enumerate(plan):
             t = levels[i]
-            x0 = denoise(x, t)
-            eps = lincomb(((1.0 / t.sigma, x), (-t.alpha / t.sigma, x0)))
+            x0 = ex.predict(denoise, x, t)
+            # eps_t = (x - alpha_t x0) / sigma_t; x_s = c_x x + c_0 eps_t + sum_{j >= 1} c_j eps_j
+            c_0 = coefs[1]
+            older = [(c, history[j - 1]) for j, c in enumerate(coefs[2:], start=1)]
+            step = [(coefs[0] + c_0 / t.sigma, x), (-c_0 * t.alpha / t.sigma, x0)] + older
+            eps, x, x0 = ex.step(((1.0 / t.sigma, x), (-t.alpha / t.sigma, x0)), step, ((1.0, x0),))
             history = [eps] + history[: self.order - 1]
-            x = lincomb([(coefs[0], x)] + [(c, history[j]) for j, c in enumerate(coefs[1:])])
             if callback is not None:
                 callback(i + offset, x, x0)
         return x

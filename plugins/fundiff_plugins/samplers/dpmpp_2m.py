@@ -14,6 +14,8 @@ From the second step on, D is extrapolated linearly from the previous evaluation
 lam_p (r = (lam_t - lam_p) / h) and the step uses (1 + 1/(2r)) D_t - 1/(2r) D_p in place of
 D_t (Algorithm 2, line 8). One evaluation per step; the first step and the step onto a clean
 level (sigma = 0, where e^{-h} = 0 and the step returns alpha_0 D_t) are first order.
+Each step is one fused step (:mod:`fundiff.fused`): x_s and D_t (kept as the next step's D_p)
+from one pass over x, D_t's guidance branches and D_p.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import math
 
 import attrs
 
-from fundiff import Sampler, hookimpl
+from fundiff import Sampler, fused, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 
-from ._exponential import lam, lincomb
+from ._exponential import lam
 
 
 def plan_2m(levels) -> list[tuple[float, float, float]]:
@@ -56,9 +58,10 @@ class DPMSolverPP2M(Sampler):
     def sample(self, denoise, x, levels, noise=None, callback=None):
         plan = plan_2m(levels)
         previous = None
+        ex = fused.executor(x)
         for i, (c_x, c_t, c_p) in enumerate(plan):
-            x0 = denoise(x, levels[i])
-            x = lincomb(((c_x, x), (c_t, x0), (c_p, previous))) if c_p != 0.0 else lincomb(((c_t, x0), (c_x, x)))
+            x0 = ex.predict(denoise, x, levels[i])
+            x, x0 = ex.step(((c_x, x), (c_t, x0), (c_p, previous)) if c_p != 0.0 else ((c_t, x0), (c_x, x)), ((1.0, x0),))
             previous = x0
             if callback is not None:
                 callback(i, x, x0)

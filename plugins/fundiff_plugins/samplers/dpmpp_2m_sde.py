@@ -18,6 +18,8 @@ scale alpha_s s~_s is sigma_s. The last step, onto the clean level, returns alph
 A first level at zero SNR (alpha = 0, h = inf) gives a first step to alpha_s D plus the
 posterior noise, and no history correction after it (r = inf).
 ``noise: brownian`` uses a per-sample Brownian tree (k-diffusion defaults to one here).
+Each step is one fused step (:mod:`fundiff.fused`), with c_diff (D_i - D_{i-1}) collected
+into the coefficients of D_i and D_{i-1}; fresh noise is drawn inside the kernel there.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import math
 
 import attrs
 
-from fundiff import Sampler, hookimpl
+from fundiff import Sampler, fused, hookimpl
 from fundiff.brownian import StepNoise
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc, one_of
@@ -71,14 +73,18 @@ class DPMpp2MSDE(Sampler):
         plans = self._plan(levels)
         draws = StepNoise(noise, self.noise, levels, sampler="dpmpp-2m-sde") if any(p[3] > 0 for p in plans) else None
         x0_prev = None
+        ex = fused.executor(x)
         for i, (c_x, c_d, c_diff, c_z) in enumerate(plans):
-            x0 = denoise(x, levels[i])
-            x_new = c_d * x0 if c_x == 0.0 else c_x * x + c_d * x0
+            x0 = ex.predict(denoise, x, levels[i])
             if c_diff != 0.0 and x0_prev is not None:
-                x_new = x_new + c_diff * (x0 - x0_prev)
+                c_d, terms = c_d + c_diff, [(-c_diff, x0_prev)]
+            else:
+                terms = []
+            terms = ([(c_d, x0)] if c_x == 0.0 else [(c_x, x), (c_d, x0)]) + terms
             if c_z > 0.0:
-                x_new = x_new + c_z * draws(i, levels[i], levels[i + 1])
-            x, x0_prev = x_new, x0
+                terms.append((c_z, draws.operand(ex, i, levels[i], levels[i + 1])))
+            x, x0 = ex.step(terms, ((1.0, x0),))
+            x0_prev = x0
             if callback is not None:
                 callback(i, x, x0)
         return x

@@ -10,15 +10,15 @@ Back in x = alpha x~ this is x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - s~_s /
 which is DDIM with eta = 0 (Song et al. 2021, eq. 13: DDIM is Euler on this ODE), so the
 two samplers agree to rounding. The step onto the clean level (s~ = 0) returns alpha_s D.
 The two coefficients of every step are host floats computed before the loop. ``steps`` is
-the number of steps and of denoiser evaluations.
+the number of steps and of denoiser evaluations. Each step is one fused step
+(:mod:`fundiff.fused`).
 """
 
 from __future__ import annotations
 
 import attrs
-import torch
 
-from fundiff import Sampler, hookimpl
+from fundiff import Sampler, fused, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 
 from ._pfode import sigma_tilde
@@ -35,9 +35,10 @@ class Euler(Sampler):
         for t, s in zip(levels[:-1], levels[1:]):
             ratio = sigma_tilde(s) / sigma_tilde(t)
             coefs.append((s.sigma / t.sigma, s.alpha * (1.0 - ratio)))
+        ex = fused.executor(x)
         for i, (c_x, c_d) in enumerate(coefs):
-            x0 = denoise(x, levels[i])
-            x = c_d * x0 if c_x == 0.0 else torch.add(c_x * x, x0, alpha=c_d)
+            x0 = ex.predict(denoise, x, levels[i])
+            x, x0 = ex.step(((c_d, x0),) if c_x == 0.0 else ((c_x, x), (c_d, x0)), ((1.0, x0),))
             if callback is not None:
                 callback(i, x, x0)
         return x

@@ -21,7 +21,8 @@ on any chain, and eta = 0 is Euler in sigma~-space, i.e. deterministic DDIM). Th
 onto the clean level, returns alpha D there (s~_down = s~_up = 0).
 
 ``noise: brownian`` replaces the fresh per-step draws by normalised increments of a
-per-sample Brownian tree (:mod:`fundiff.brownian`).
+per-sample Brownian tree (:mod:`fundiff.brownian`). Each step is one fused step
+(:mod:`fundiff.fused`): fresh Gaussian noise is drawn inside the kernel there.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import math
 
 import attrs
 
-from fundiff import Sampler, hookimpl
+from fundiff import Sampler, fused, hookimpl
 from fundiff.brownian import StepNoise
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc
@@ -71,11 +72,13 @@ class EulerAncestral(Sampler):
             q = math.exp(0.5 * (t.logsnr - s.logsnr)) * down  # s~_down / s~_t
             steps.append(((s.sigma / t.sigma) * down, s.alpha * (1.0 - q), self.s_noise * s.sigma * up))
         draws = StepNoise(noise, self.noise, levels, sampler="euler-ancestral") if any(c[2] > 0 for c in steps) else None
+        ex = fused.executor(x)
         for i, (c_x, c_d, c_z) in enumerate(steps):
-            x0 = denoise(x, levels[i])
-            x = c_d * x0 if c_x == 0.0 else c_x * x + c_d * x0
+            x0 = ex.predict(denoise, x, levels[i])
+            terms = [(c_d, x0)] if c_x == 0.0 else [(c_x, x), (c_d, x0)]
             if c_z > 0.0:
-                x = x + c_z * draws(i, levels[i], levels[i + 1])
+                terms.append((c_z, draws.operand(ex, i, levels[i], levels[i + 1])))
+            x, x0 = ex.step(terms, ((1.0, x0),))
             if callback is not None:
                 callback(i, x, x0)
         return x

@@ -16,7 +16,8 @@ With S_churn = 0 (the default) the sampler is deterministic and second order in 
 size. S_tmin and S_tmax are compared with s~ = sigma / alpha, EDM's sigma. The churned
 level lies off the grid; its (alpha, sigma) come from the grid's chain (VP or VE exactly,
 see ``_pfode.level_maker``). ``steps`` is the number of steps; each makes two denoiser
-evaluations except the last onto the clean level (2 steps - 1 in all).
+evaluations except the last onto the clean level (2 steps - 1 in all). The churn, the Euler
+step and the correction are fused steps (:mod:`fundiff.fused`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from __future__ import annotations
 import math
 
 import attrs
-import torch
 
-from fundiff import Sampler, hookimpl
+from fundiff import Sampler, fused, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc
 
@@ -34,21 +34,30 @@ from ._exponential import zero_snr_start
 from ._pfode import level_maker, logsnr_from_sigma_tilde, sigma_tilde
 
 
-def heun_step(denoise, x, t, s, x0=None):
+def heun_step(denoise, x, t, s, x0=None, ex=None):
     """One Heun step of the PF-ODE from level t to level s in x space (Euler onto s~ = 0).
 
     eps_hat = (x - alpha D) / sigma is dx~/ds~; the update x_s = alpha_s x~_s is written with
-    host-float coefficients. Returns (x_s, D at t). ``x0`` reuses a known D(x, t).
+    host-float coefficients, as two fused steps on ``ex`` (default: the executor for x):
+
+        x_e = (alpha_s / alpha_t) x + alpha_s h eps_1,        eps_1 = (x - alpha_t D_1) / sigma_t,
+        x_s = x_e + (alpha_s h / 2) (eps_2 - eps_1),          eps_2 = (x_e - alpha_s D_2) / sigma_s,
+
+    each collected into one linear combination of x, D_1, x_e and D_2. Returns (x_s, D at t).
+    ``x0`` reuses a known D(x, t).
     """
+    ex = ex if ex is not None else fused.executor(x)
     if x0 is None:
-        x0 = denoise(x, t)
+        x0 = ex.predict(denoise, x, t)
     if s.sigma == 0.0:
-        return s.alpha * x0, x0  # the Euler step onto s~ = 0 lands on alpha_s D exactly
+        return ex.step(((s.alpha, x0),), ((1.0, x0),))  # the Euler step onto s~ = 0 lands on alpha_s D exactly
     h = sigma_tilde(s) - sigma_tilde(t)
-    eps1 = torch.add(x, x0, alpha=-t.alpha) * (1.0 / t.sigma)
-    x_e = torch.add((s.alpha / t.alpha) * x, eps1, alpha=s.alpha * h)
-    eps2 = torch.add(x_e, denoise(x_e, s), alpha=-s.alpha) * (1.0 / s.sigma)
-    return torch.add(x_e, eps2 - eps1, alpha=0.5 * s.alpha * h), x0
+    k = s.alpha * h  # the step in x~ times alpha_s
+    x_e, x0 = ex.step(((s.alpha / t.alpha + k / t.sigma, x), (-k * t.alpha / t.sigma, x0)), ((1.0, x0),))
+    d2 = ex.predict(denoise, x_e, s)
+    half = 0.5 * k
+    x_s = ex.combine(((1.0 + half / s.sigma, x_e), (-half * s.alpha / s.sigma, d2), (-half / t.sigma, x), (half * t.alpha / t.sigma, x0)))
+    return x_s, x0
 
 
 @attrs.frozen(kw_only=True)
@@ -66,7 +75,8 @@ class Heun(Sampler):
     def sample(self, denoise, x, levels, noise=None, callback=None):
         # from a zero-terminal-SNR level (alpha = 0, x / alpha infinite) take the exact first
         # step, x_s = alpha_s D + (sigma_s / sigma_t) x, then continue on the rest of the grid
-        x, levels, _ = zero_snr_start(denoise, x, levels, callback)
+        ex = fused.executor(x)
+        x, levels, _ = zero_snr_start(denoise, x, levels, callback, ex)
         if len(levels) < 2:
             return x
         n = len(levels) - 1
@@ -87,8 +97,8 @@ class Heun(Sampler):
             t, s = levels[i], levels[i + 1]
             if plan[i] is not None:
                 t, c_x, c_z = plan[i]
-                x = c_x * x + c_z * noise.sample(i) if c_z > 0 else c_x * x
-            x, x0 = heun_step(denoise, x, t, s)
+                x = ex.combine(((c_x, x), (c_z, ex.noise(noise, i))) if c_z > 0 else ((c_x, x),))
+            x, x0 = heun_step(denoise, x, t, s, ex=ex)
             if callback is not None:
                 callback(i, x, x0)
         return x

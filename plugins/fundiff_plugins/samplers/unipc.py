@@ -24,6 +24,10 @@ no corrector (it would need one more evaluation). Warm-up: step i uses order min
 left), for stability at few steps. The step onto a clean level is first order (x = alpha_0 m_0).
 A first level with alpha = 0 (zero terminal SNR, lam = -inf) is left by a DDIM step, the
 exact limit there, and the multistep history starts at the next level.
+
+Steps are fused steps (:mod:`fundiff.fused`). On a single-pass backend (Triton) the corrector
+and the next predictor are one kernel: x^c, the predictor applied to x^c (its coefficients
+folded through x^c's) and m from one pass; on the torch backend the predictor reuses x^c.
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ import math
 
 import attrs
 
-from fundiff import Sampler, hookimpl
+from fundiff import Sampler, fused, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import doc, in_range, one_of
 
-from ._exponential import lam, lincomb, phi, solve, zero_snr_start
+from ._exponential import lam, phi, solve, zero_snr_start
 
 
 def _weights(hh: float, rks: list[float], variant: str, corrector: bool) -> tuple[float, float, list[float]]:
@@ -105,17 +109,27 @@ class UniPC(Sampler):
         return plan
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
-        x, levels, offset = zero_snr_start(denoise, x, levels, callback)
+        ex = fused.executor(x)
+        x, levels, offset = zero_snr_start(denoise, x, levels, callback, ex)
         history: list = []  # x0 estimates, newest first
         x_last = None
         for i, (p, pred, corr) in enumerate(self.plan(levels)):
-            m = denoise(x, levels[i])
-            if corr is not None:  # UniC: correct x at levels[i] with m evaluated there
-                terms = [(corr[0], x_last), (corr[1], history[0])] + [(c, history[k]) for k, c in enumerate(corr[2:-1], start=1)]
-                x = lincomb(terms + [(corr[-1], m)])
+            m = ex.predict(denoise, x, levels[i])
+            # the predictor's history terms m_k (k >= 1) are the estimates before this one
+            older = [(c, history[k - 1]) for k, c in enumerate(pred[2:], start=1)]
+            if corr is None:
+                x_last = x
+                x, m = ex.step([(pred[1], m), (pred[0], x)] + older, ((1.0, m),))
+            else:  # UniC: correct x at levels[i] with m evaluated there, then predict from it
+                corrected = [(corr[0], x_last), (corr[1], history[0])] + [(c, history[k]) for k, c in enumerate(corr[2:-1], start=1)]
+                corrected.append((corr[-1], m))
+                if ex.single_pass:
+                    folded = [(pred[0] * c, t) for c, t in corrected] + [(pred[1], m)] + older
+                    x_last, x, m = ex.step(corrected, folded, ((1.0, m),))
+                else:
+                    x_last, m = ex.step(corrected, ((1.0, m),))
+                    x = ex.combine([(pred[1], m), (pred[0], x_last)] + older)
             history = [m] + history[:2]
-            x_last = x
-            x = lincomb([(pred[1], m), (pred[0], x)] + [(c, history[k]) for k, c in enumerate(pred[2:], start=1)])
             if callback is not None:
                 callback(i + offset, x, m)
         return x
