@@ -362,7 +362,10 @@ class Chain(Component):
         (chains override this with a closed form)."""
         lam = torch.tensor(float(logsnr), dtype=torch.float64, requires_grad=True)
         alpha, _ = self.alpha_sigma(lam)
-        (grad,) = torch.autograd.grad(torch.log(alpha), lam)
+        log_alpha = torch.log(alpha)
+        if not log_alpha.requires_grad:  # alpha does not depend on lambda (e.g. alpha = 1)
+            return 0.0
+        (grad,) = torch.autograd.grad(log_alpha, lam)
         return float(grad)
 
     def forward_sde(self, level: Level) -> tuple[float, float]:

@@ -401,7 +401,8 @@ class Pipeline:
     def training_logsnr(self, step: int, batch_size: int) -> torch.Tensor:
         """The logSNRs of step ``step``'s batch (a pure function of seed and step): for reports."""
         u = rng.uniform(self.recipe.train.seed, rng.STREAM_TRAIN_LEVEL, step, torch.arange(batch_size))
-        return self.weighting.draw(u.to(self.device), self.schedule)[0].detach().to(torch.float64).cpu()
+        logsnr = self.weighting.draw(u.to(self.device), self.schedule)[0].detach().to(torch.float64)
+        return self.chain.training_logsnr(logsnr, self.schedule).detach().cpu()
 
     def per_example_losses(
         self, step: int, batch_size: int, *, variance_gradient: bool = True, positions: Optional[torch.Tensor] = None
@@ -420,7 +421,8 @@ class Pipeline:
         cond = data.labels[index].to(self.device) if self.uses_labels and data.labels is not None else None
         u_level = rng.uniform(seed, rng.STREAM_TRAIN_LEVEL, step, positions)
         logsnr, log_extra = self.weighting.draw(u_level.to(self.device), self.schedule)
-        logsnr = logsnr.to(torch.float64)
+        # the chain may move the draws (a discrete-time chain trains on its grid only)
+        logsnr = chain.training_logsnr(logsnr.to(torch.float64), self.schedule)
         stream = rng.NoiseStream(
             seed, positions, self.state_spec.shape, stream=rng.STREAM_TRAIN_NOISE, device=self.device, dtype=x0.dtype
         )
@@ -497,7 +499,7 @@ class Pipeline:
             levels = noise_levels(self.schedule, self.chain, steps)
         else:
             levels = spacing.prepare(self, self.run_dir).levels(self.schedule, self.chain, steps)
-        return self.chain.sampling_levels(levels)
+        return self.chain.sampling_levels(levels, self.schedule)
 
     def reverse_variance(self) -> Optional[ReverseVariance]:
         """The recipe's reverse variance prepared for this pipeline's model and run directory
