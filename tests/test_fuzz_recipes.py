@@ -10,6 +10,7 @@ combinations exercised is printed in pytest's terminal summary.
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -37,6 +38,7 @@ TINY = {
     "channels": 8,
     "num_groups": 4,
     "heads": 2,
+    "fit_samples": 512,
 }
 
 
@@ -47,6 +49,15 @@ def _section(kind: str, name: str) -> dict:
         field = fields.get(key)
         if field is not None and field.type in (int, "int"):
             section[key] = value
+    # nested components left at their defaults (a wrapped schedule, a chain's autoencoder)
+    # are shrunk the same way
+    for field in fields.values():
+        nested_kind = getattr(field.type, "kind", None) if isinstance(field.type, type) else None
+        if nested_kind and field.default is not attrs.NOTHING:
+            default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default
+            nested_name = REGISTRY.name_of(nested_kind, type(default)) if default is not None else None
+            if nested_name is not None:
+                section[field.name] = _section(nested_kind, nested_name)
     return section
 
 
@@ -103,6 +114,7 @@ def test_drawn_recipes_train_and_sample_or_are_refused(recipe):
         REFUSED.add(_combination(recipe))
         return
     pipeline = fundiff.Pipeline(loaded)
+    pipeline.chain.fit(pipeline)  # a chain's fitted state (statistics, generator, autoencoder), as fundiff.train does
     if pipeline.trainable:
         for step in range(2):
             loss = pipeline.loss(step, 8)

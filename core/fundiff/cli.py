@@ -316,6 +316,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     stem = args.out or os.path.join(
         args.run_dir, "samples", f"{sampler_name.replace(':', '-')}-{pipeline.sampler.steps}steps-seed{options.seed}"
     )
+    note = pipeline.sampling_note()  # e.g. the steps a truncated chain saves
+    if note and not args.quiet:
+        print(note, file=sys.stderr)
     result, parts = _sample_in_parts(pipeline, stem, quiet=args.quiet, truncation=truncation)
     if result is None:  # a non-main rank of a distributed run: rank 0 writes the files
         return 0

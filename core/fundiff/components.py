@@ -283,6 +283,8 @@ class Chain(Component):
       (default ``prior(level, source.sample(0))``);
     - ``sampling_levels(levels, schedule)``: cut or change the sampling grid (a truncated
       chain starts at its truncation level, a discrete-time chain keeps to its grid).
+    - ``describe_sampling(before, after)``: a one-line note for the user on what that change
+      did (e.g. the steps a truncated chain saves), printed by ``fundiff sample``.
 
     ``level(logsnr)`` results carry the chain (``Level.chain``), so samplers can reach
     chain-specific maps without seeing the recipe.
@@ -354,6 +356,12 @@ class Chain(Component):
         """The grid a sampler walks, from the spacing's grid and the recipe's ``schedule``
         (default: unchanged)."""
         return levels
+
+    def describe_sampling(self, before: list[Level], after: list[Level]) -> Optional[str]:
+        """A one-line note on how ``sampling_levels`` turned the spacing's grid ``before`` into
+        ``after`` (the steps saved, where sampling starts), for ``fundiff sample`` to print;
+        None (the default) when there is nothing to say."""
+        return None
 
     # ---------------------------------------------------------- Gaussian dynamics
 

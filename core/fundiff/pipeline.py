@@ -231,15 +231,18 @@ class _TrainingNoise:
     def __init__(self, noise: "Noise", stream: rng.NoiseStream, step: int):
         self.noise, self.stream, self.step = noise, stream, step
 
-    def _draw(self, draw: int) -> int:
-        # one draw index per (step, draw): steps are < 2^40, chains use a handful of draws
-        return self.step + (draw << 40)
+    def _stream(self, draw: int) -> rng.NoiseStream:
+        # draw 0 is the step's noise stream; draw k >= 1 its own stream (draw indices, the
+        # step, must stay below 2^32, so the draw cannot be packed into them)
+        if not 0 <= draw < 2**15:
+            raise ValueError(f"training draws must be in [0, 2^15), got {draw}")
+        return self.stream if draw == 0 else self.stream.with_stream(rng.STREAM_TRAIN_CHAIN + draw)
 
     def sample(self, draw: int = 0) -> torch.Tensor:
-        return self.noise.sample(self.stream, self._draw(draw))
+        return self.noise.sample(self._stream(draw), self.step)
 
     def uniform(self, draw: int = 0) -> torch.Tensor:
-        return self.stream.uniform(self._draw(draw))
+        return self._stream(draw).uniform(self.step)
 
 
 def _under_autocast(network: torch.nn.Module, device: torch.device, precision: str) -> Callable[..., torch.Tensor]:

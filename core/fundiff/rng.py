@@ -32,6 +32,9 @@ STREAM_TRAIN_DATA = 5  # which data examples form a batch
 STREAM_TRAIN_COND = 6  # condition dropout during training
 STREAM_DATA = 7  # data sets that generate their points
 STREAM_BROWNIAN = 8  # Brownian-tree nodes of the SDE samplers (fundiff.brownian)
+#: a chain's own training draws (``Chain.training_losses``): draw k >= 1 of optimizer step s
+#: uses stream STREAM_TRAIN_CHAIN + k with draw index s (k < 2^15)
+STREAM_TRAIN_CHAIN = 2**15
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0 = 0xD2511F53
