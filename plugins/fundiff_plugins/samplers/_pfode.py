@@ -11,8 +11,9 @@ Methods written in (x~, s~) therefore need only the host floats (alpha, sigma) o
 
 A method that evaluates the denoiser *between* the grid's levels (Heun's churn, DPM-2's
 midpoint, Restart's inner grid, an adaptive solver's stages) needs a :class:`fundiff.Level`
-at a logSNR that is not on the grid, but a sampler only sees the grid, not the chain.
-:func:`level_maker` recovers the chain's (alpha, sigma) from the grid: variance-preserving
+at a logSNR that is not on the grid. Levels made by a chain carry it (``Level.chain``), and
+:func:`level_maker` then asks the chain, exact for every chain. For bare levels (built by
+hand, without a chain) it recovers the chain's (alpha, sigma) from the grid: variance-preserving
 grids (alpha^2 + sigma^2 = 1 at every level) and variance-exploding ones (alpha = 1) are
 recognised and extended exactly; for any other chain log alpha is interpolated linearly in
 lambda between neighbouring grid levels (extrapolated from the end segments), which keeps
@@ -48,7 +49,12 @@ def logsnr_from_sigma_tilde(s: float) -> float:
 
 
 def level_maker(levels: Sequence[Level]) -> Callable[[float], Level]:
-    """A function ``logsnr -> Level`` on the chain the grid ``levels`` comes from (see module doc)."""
+    """A function ``logsnr -> Level`` on the chain the grid ``levels`` comes from (see module doc):
+    the chain itself when the levels carry it (exact on every chain), otherwise recognised from
+    the grid."""
+    chain = levels[0].chain if levels else None
+    if chain is not None:
+        return chain.level
     noisy = [lv for lv in levels if lv.sigma > 0.0 and lv.alpha > 0.0 and math.isfinite(lv.logsnr)]
     if not noisy or all(abs(lv.alpha * lv.alpha + lv.sigma * lv.sigma - 1.0) <= _FAMILY_RTOL for lv in noisy):
         return _vp_level
