@@ -492,9 +492,11 @@ class Pipeline:
 
     # ---------------------------------------------------------------- sampling
 
-    def levels(self, steps: Optional[int] = None, sampler: Optional[Sampler] = None) -> list[Level]:
+    def levels(self, steps: Optional[int] = None, sampler: Optional[Sampler] = None, *, through_chain: bool = True) -> list[Level]:
         """The host-side grid of noise levels: the recipe's spacing (prepared with this
-        pipeline's model and run directory, see ``Spacing.prepare``), or t evenly spaced."""
+        pipeline's model and run directory, see ``Spacing.prepare``), or t evenly spaced,
+        then as the chain changes it (``Chain.sampling_levels``; ``through_chain=False``:
+        the spacing's grid before that)."""
         sampler = sampler or self.sampler
         spacing = self.recipe.get("spacing")
         steps = steps or sampler.steps
@@ -502,7 +504,13 @@ class Pipeline:
             levels = noise_levels(self.schedule, self.chain, steps)
         else:
             levels = spacing.prepare(self, self.run_dir).levels(self.schedule, self.chain, steps)
-        return self.chain.sampling_levels(levels, self.schedule)
+        return self.chain.sampling_levels(levels, self.schedule) if through_chain else levels
+
+    def sampling_note(self, steps: Optional[int] = None, sampler: Optional[Sampler] = None) -> Optional[str]:
+        """The chain's one-line note on how it changes this pipeline's sampling grid
+        (``Chain.describe_sampling``), or None."""
+        before = self.levels(steps, sampler, through_chain=False)
+        return self.chain.describe_sampling(before, self.chain.sampling_levels(list(before), self.schedule))
 
     def reverse_variance(self) -> Optional[ReverseVariance]:
         """The recipe's reverse variance prepared for this pipeline's model and run directory
