@@ -407,7 +407,7 @@ def _attaching_chain(method: Callable[..., Level]) -> Callable[..., Level]:
     @functools.wraps(method)
     def level(self, logsnr: float) -> Level:
         made = method(self, logsnr)
-        return made if made.chain is self else attrs.evolve(made, chain=self)
+        return made if made.chain is self else Level(made.logsnr, made.alpha, made.sigma, self)
 
     level._attaches_chain = True  # type: ignore[attr-defined]
     return level
