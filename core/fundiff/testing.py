@@ -43,8 +43,10 @@ from . import noiselevel, rng
 from .components import (
     GAUSSIAN_MARGINALS,
     KIND_BASES,
+    MANIFOLD_STATE,
     Chain,
     DataSet,
+    DataSpec,
     DiscreteSchedule,
     Noise,
     Parameterization,
@@ -392,6 +394,11 @@ def check_chain(chain: Chain, *, logsnr_range: tuple[float, float] = LOGSNR_RANG
         if not clean.is_clean:
             _fail(chain, f"level(inf) must be the clean level (sigma = 0), got {clean}")
         _check_dlog_alpha(chain, lam)
+
+    if MANIFOLD_STATE in type(chain).provides:
+        # a manifold state: its maps instead of the Gaussian moments below
+        _check_manifold_chain(chain, seed)
+        return
 
     # perturbation moments
     n, dim = 20000, 2
@@ -843,9 +850,15 @@ def check_sampler(
     * a sanity band when ending on the clean level: the sample mean is within s/2 of m and
       the sample std within [s/2, 3s/2]. A correct sampler is far inside it at 50 steps; a
       sampler that returns its start (mean 0-ish, std 1) or diverges is far outside.
+
+    A sampler that requires ``"manifold-state"`` is checked with a ``chain`` that provides it on
+    data at one point of the manifold (:func:`_check_manifold_sampler`).
     """
     if per_sample is None:  # samplers that adapt one step size to the whole batch opt out
         per_sample = not getattr(type(sampler), "couples_batch", False)
+    if MANIFOLD_STATE in type(sampler).requires:
+        _check_manifold_sampler(sampler, chain, batch, seed, per_sample)
+        return
     chain = chain or _CoreVPChain()
     shape = tuple(shape)
     m = torch.linspace(-1.0, 1.5, math.prod(shape), dtype=torch.float64).reshape(shape)
@@ -913,6 +926,178 @@ def check_sampler(
                 f"{(mean - m).abs().max().item():.3g} and std in [{std.min().item():.3g}, {std.max().item():.3g}]; "
                 f"outside the sanity band (mean within {0.5 * s_data}, std in [{0.5 * s_data}, {1.5 * s_data}])",
             )
+
+
+# --------------------------------------------------------------------------------------
+# Manifold states (components that provide or require "manifold-state")
+# --------------------------------------------------------------------------------------
+#
+# A manifold chain keeps its state on a manifold embedded in the state tensor and exposes
+# its maps to samplers through ``level.chain``: ``exp_map(x, v)``, ``project_tangent(x,
+# v)``, ``score(x, x0_hat, level)`` (the model's score from the denoiser's output, which a
+# score parameterization makes x0_hat = x + sigma^2 s at alpha = 1), ``denoised(x, score,
+# level)`` (exp_x(sigma^2 s)), ``kernel_score(x_t, x0, sigma)`` (the perturbation kernel's
+# score), ``walk(x0, sigma, noise)`` (a draw from that kernel), ``distance(x, y)``
+# (geodesic, per sample), ``manifold_error(x)`` (per-sample distance from the manifold) and
+# ``uniform_state(u)``. The kit's checks use states of 3-vectors (``state_spec`` of (3,) data).
+
+#: the kit's manifold states: data of this shape
+_MANIFOLD_SHAPE = (3,)
+#: the level of the kit's small-noise checks (sigma = exp(-lambda / 2) = 0.05 on alpha = 1 chains)
+_MANIFOLD_SMALL_LOGSNR = -2.0 * math.log(0.05)
+
+
+def _manifold_problem(chain: Chain, x: torch.Tensor, tol: float) -> Optional[str]:
+    """None when every state of ``x`` lies on the chain's manifold within ``tol``, else what is wrong."""
+    if not torch.isfinite(x).all():
+        return "non-finite values"
+    error = chain.manifold_error(x)
+    if error.shape != x.shape[:1]:
+        return f"manifold_error must return one value per sample, shape {tuple(x.shape[:1])}, got {tuple(error.shape)}"
+    if error.max().item() > tol:
+        return f"a state is {error.max().item():.3g} off the manifold (allowed {tol:.3g})"
+    return None
+
+
+def _check_manifold_chain(chain: Chain, seed: int) -> None:
+    """The maps of a chain that provides ``"manifold-state"`` (list above), in float64 on
+    n = 512 states of 3-vectors, with tolerance R U:
+
+    * ``initial_state`` (from the kit's uniforms), ``encode`` of normal 3-vectors, ``prior``
+      (from normals), ``exp_map``,
+      ``walk`` at sigma in {0.05, 1, 3} and ``perturb`` return states on the manifold
+      (``manifold_error`` <= R U);
+    * ``project_tangent`` is idempotent, ``exp_map(x, 0) = x``, and the exponential map is a
+      unit-speed geodesic: ``distance(x, exp_map(x, v)) = |v|`` for tangent |v| <= 1 (below
+      the injectivity radius of the built-in manifolds, pi), within R U (1 + |v|);
+    * ``decode`` returns states of the data's shape;
+    * ``kernel_score`` and ``score`` are tangent (``project_tangent`` leaves them within
+      R U |s|), and ``score(x, x + sigma^2 v, level) = v`` for tangent v, within
+      R U (|x| + sigma^2 |v|) / sigma^2 (the rounding of the difference x0_hat - x);
+    * Varadhan's limit at sigma = 0.05: ``denoised`` with the kernel score takes the walk's
+      states x_t back towards x0, sigma^2 grad log p(x_t | x0) ~ log_{x_t}(x0): the mean
+      distance to x0 after it is below 0.1 of the mean distance before.
+    """
+    n, r = 512, ROUNDINGS
+    shape = tuple(chain.state_spec(DataSpec(shape=_MANIFOLD_SHAPE)).shape)
+    ids = torch.arange(n)
+    source = rng.NoiseStream(seed, ids, shape, stream=_KIT_STREAM, dtype=torch.float64)  # normals and uniforms
+    terminal = chain.level(LOGSNR_RANGE[0])
+
+    def on_manifold(x: torch.Tensor, what: str) -> torch.Tensor:
+        x = _is_tensor(x, chain, what)
+        if tuple(x.shape) != (n, *shape):
+            _fail(chain, f"{what} must return states of shape {(n, *shape)}, got {tuple(x.shape)}")
+        problem = _manifold_problem(chain, x, r * U * (1.0 + x.abs().max().item()))
+        if problem:
+            _fail(chain, f"{what}: {problem}")
+        return x
+
+    x = on_manifold(chain.initial_state(terminal, source), "initial_state")
+    on_manifold(chain.encode(source.sample(4)), "encode")
+    if tuple(chain.decode(x).shape[1:]) != _MANIFOLD_SHAPE:
+        _fail(chain, f"decode must return the data shape {_MANIFOLD_SHAPE}, got {tuple(chain.decode(x).shape[1:])}")
+    on_manifold(chain.prior(terminal, source.sample(1)), "prior")
+    v = chain.project_tangent(x, source.sample(2))
+    again = chain.project_tangent(x, v)
+    if (again - v).abs().max().item() > r * U * (1.0 + v.abs().max().item()):
+        _fail(chain, "project_tangent is not idempotent: projecting a tangent vector again changes it")
+    if (on_manifold(chain.exp_map(x, torch.zeros_like(v)), "exp_map(x, 0)") - x).abs().max().item() > r * U * (1.0 + x.abs().max().item()):
+        _fail(chain, "exp_map(x, 0) must return x")
+    length = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    unit = v / length.clamp(min=_TINY)
+    speeds = torch.linspace(0.01, 1.0, n, dtype=torch.float64)[:, None]
+    y = on_manifold(chain.exp_map(x, speeds * unit), "exp_map")
+    gap = (_is_tensor(chain.distance(x, y), chain, "distance") - speeds[:, 0]).abs().max().item()
+    if gap > r * U * 2.0:
+        _fail(chain, f"exp_map is not a unit-speed geodesic: distance(x, exp_map(x, v)) differs from |v| <= 1 by {gap:.3g}")
+    small = chain.level(_MANIFOLD_SMALL_LOGSNR)
+    for sigma in (small.sigma, 1.0, 3.0):
+        x_t = on_manifold(chain.walk(x, torch.full((n,), sigma, dtype=torch.float64), source), f"walk at sigma {sigma:g}")
+        s = _is_tensor(chain.kernel_score(x_t, x, torch.full((n,), sigma, dtype=torch.float64)), chain, "kernel_score")
+        if s.shape != x_t.shape or not torch.isfinite(s).all():
+            _fail(chain, f"kernel_score at sigma {sigma:g} must return finite tangent vectors shaped like the state")
+        if (chain.project_tangent(x_t, s) - s).abs().max().item() > r * U * (1.0 + s.abs().max().item()):
+            _fail(chain, f"kernel_score at sigma {sigma:g} is not tangent (project_tangent changes it)")
+    alpha, sigma = chain.alpha_sigma(torch.full((n,), small.logsnr, dtype=torch.float64))
+    on_manifold(chain.perturb(x, source.sample(3), alpha[:, None], sigma[:, None]), "perturb")
+    level = chain.level(2.0 * math.log(2.0))  # sigma = 0.5
+    recovered = _is_tensor(chain.score(x, x + level.sigma**2 * v, level), chain, "score")
+    tol = r * U * (x.abs().max().item() + level.sigma**2 * v.abs().max().item()) / level.sigma**2
+    if (recovered - v).abs().max().item() > tol:
+        _fail(chain, f"score(x, x + sigma^2 v, level) must recover the tangent v, off by {(recovered - v).abs().max().item():.3g}")
+    x_t = chain.walk(x, torch.full((n,), small.sigma, dtype=torch.float64), source)
+    score = chain.kernel_score(x_t, x, torch.full((n,), small.sigma, dtype=torch.float64))
+    back = on_manifold(chain.denoised(x_t, score, small), "denoised")
+    before, after = chain.distance(x_t, x).mean().item(), chain.distance(back, x).mean().item()
+    if not after < 0.1 * before:
+        _fail(chain, f"at sigma {small.sigma:g} the kernel score does not point back to x0: exp_x(sigma^2 score) is {after:.3g} from x0 on average, x_t {before:.3g}")
+
+
+def _check_manifold_sampler(sampler: Sampler, chain: Optional[Chain], batch: int, seed: int, per_sample: bool) -> None:
+    """The part of :func:`check_sampler` for samplers that require ``"manifold-state"``, with
+    a ``chain`` that provides it (maps above), on states of 3-vectors.
+
+    The data are one point m of the manifold, so the exact score at every level is the
+    perturbation kernel's, ``chain.kernel_score(x, m, sigma)``, and the exact denoiser is
+    x + sigma^2 times it (the score parameterization). The levels are ``sampler.steps``
+    logSNRs evenly spaced from sigma = 4 (where the perturbed point is uniform on the
+    built-in manifolds within 1e-6) to sigma = 0.02, then the clean level, from
+    ``chain.level``; the start is ``chain.initial_state``. Checked: finite float64 results
+    shaped like the start; every state and x0 handed to ``callback`` on the manifold
+    (``manifold_error`` <= R U); identical results on a second run with the same streams;
+    with ``per_sample``, sample i alone equals sample i in the batch (to R U); and a sanity
+    band: the mean geodesic distance of the samples to m is below 0.1 (a sampler that
+    returns its uniform start is about 1.6 or more away, one that ignores the score too).
+    """
+    if chain is None or MANIFOLD_STATE not in type(chain).provides:
+        raise ValueError(f"{_name(sampler)} requires '{MANIFOLD_STATE}': pass chain= a chain that provides it")
+    shape = tuple(chain.state_spec(DataSpec(shape=_MANIFOLD_SHAPE)).shape)
+    lams = torch.linspace(-2.0 * math.log(4.0), -2.0 * math.log(0.02), sampler.steps, dtype=torch.float64).tolist()
+    grid = [chain.level(v) for v in lams] + [chain.level(math.inf)]
+    point = chain.initial_state(grid[0], rng.NoiseStream(seed, torch.tensor([10**6]), shape, stream=_KIT_STREAM, dtype=torch.float64))
+    seen_types: set[type] = set()
+
+    def denoise(x: torch.Tensor, level: Level) -> torch.Tensor:
+        seen_types.add(type(level))
+        sigma = torch.full((x.shape[0],), level.sigma, dtype=torch.float64)
+        return x + level.sigma**2 * chain.kernel_score(x, point.expand_as(x), sigma)
+
+    def run(ids: torch.Tensor, callback=None) -> torch.Tensor:
+        start = chain.initial_state(grid[0], rng.NoiseStream(seed, ids, shape, stream=rng.STREAM_PRIOR, dtype=torch.float64))
+        return sampler.sample(denoise, start, grid, rng.NoiseStream(seed, ids, shape, stream=rng.STREAM_SAMPLER, dtype=torch.float64), callback)
+
+    problems: list[str] = []
+
+    def callback(i: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        for what, value in (("x", x), ("x0", x0)):
+            problem = None if tuple(value.shape) == (batch, *shape) else f"shape {tuple(value.shape)}"
+            problem = problem or _manifold_problem(chain, value, ROUNDINGS * U * (1.0 + value.abs().max().item()))
+            if problem and not problems:
+                problems.append(f"callback({i}, x, x0): {what}: {problem}")
+
+    ids = torch.arange(batch)
+    out = _is_tensor(run(ids, callback), sampler, "sample")
+    expected = (batch, *shape)
+    if out.shape != expected or out.dtype != torch.float64 or not torch.isfinite(out).all():
+        _fail(sampler, f"sample must return finite float64 values of the start's shape {expected}, got {out.dtype} {tuple(out.shape)}")
+    if seen_types != {Level}:
+        _fail(sampler, f"denoise must be called with fundiff.Level objects, got {seen_types or 'no calls'}")
+    if problems:
+        _fail(sampler, f"every intermediate state must lie on the manifold: {problems[0]}")
+    problem = _manifold_problem(chain, out, ROUNDINGS * U * (1.0 + out.abs().max().item()))
+    if problem:
+        _fail(sampler, f"the samples must lie on the manifold: {problem}")
+    if not torch.equal(run(ids), out):
+        _fail(sampler, "not reproducible: two runs with the same random streams differ")
+    if per_sample:
+        sub = torch.tensor([batch - 1, 0, batch // 2])
+        tol = ROUNDINGS * U * (1 + out.abs().max().item())
+        if (run(sub) - out[sub]).abs().max().item() > tol:
+            _fail(sampler, f"sample i depends on its batch: ids {sub.tolist()} alone differ from the full batch")
+    mean_distance = chain.distance(out, point.expand_as(out)).mean().item()
+    if not mean_distance < 0.1:
+        _fail(sampler, f"with the exact score of data at one point m, the samples are {mean_distance:.3g} from m on average (sanity band: < 0.1)")
 
 
 # --------------------------------------------------------------------------------------
