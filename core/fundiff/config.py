@@ -12,6 +12,7 @@ Validators with good messages for component authors: :func:`at_least`, :func:`gr
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Any, Literal, Mapping, Optional, Union
 
@@ -79,13 +80,15 @@ def doc(text: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------
 
 _MISSING = object()
+#: ``Optional[int]`` and ``int | None`` are different objects to typing.get_origin
+_UNION_ORIGINS = (Union, types.UnionType)
 
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin is Union:
+    if origin in _UNION_ORIGINS:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin in (tuple, list):
         args = typing.get_args(tp)
@@ -104,7 +107,7 @@ def _convert(value: Any, tp: Any, path: str, problems: list[tuple[str, str]], co
         return value
     if _is_component_type(tp):
         return _convert_component(value, tp, path, problems, context)
-    if origin is Union:
+    if origin in _UNION_ORIGINS:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None

@@ -360,6 +360,10 @@ def check_chain(chain: Chain, *, logsnr_range: tuple[float, float] = LOGSNR_RANG
       standard errors (sigma / sqrt(n) for the mean; sqrt((m4 - var^2) / n) for the
       variance, m4 the sample fourth central moment).
     * ``prior`` returns a finite tensor shaped like its noise.
+    * Chains without ``"gaussian-marginals"`` whose state has no check of its own here
+      (coupled systems, products) get shape and finiteness checks of ``encode``, ``perturb``,
+      ``prior`` and ``decode`` on their ``state_spec`` instead of the moments
+      (:func:`_check_state_shapes`).
     """
     r = ROUNDINGS
     lam = torch.linspace(logsnr_range[0], logsnr_range[1], 61, dtype=torch.float64)
@@ -399,6 +403,10 @@ def check_chain(chain: Chain, *, logsnr_range: tuple[float, float] = LOGSNR_RANG
         # a manifold state: its maps instead of the Gaussian moments below
         _check_manifold_chain(chain, seed)
         return
+    if GAUSSIAN_MARGINALS not in type(chain).provides:
+        # other states (coupled systems, products): the moments are the chain's own
+        _check_state_shapes(chain, seed)
+        return
 
     # perturbation moments
     n, dim = 20000, 2
@@ -424,6 +432,28 @@ def check_chain(chain: Chain, *, logsnr_range: tuple[float, float] = LOGSNR_RANG
     prior = _is_tensor(chain.prior(terminal, noise[:16]), chain, "prior")
     if prior.shape != noise[:16].shape or not torch.isfinite(prior).all():
         _fail(chain, f"prior must return finite values shaped like its noise {tuple(noise[:16].shape)}, got {tuple(prior.shape)}")
+
+
+def _check_state_shapes(chain: Chain, seed: int) -> None:
+    """For chains without Gaussian marginals (whose moments only their own tests can state):
+    ``perturb`` of an encoded (n, 4) data batch at three levels and ``prior`` at the noisiest
+    return finite tensors shaped like the chain's state, and ``decode`` gives the data shape."""
+    n = 64
+    spec = chain.state_spec(DataSpec(shape=(4,)))
+    x0 = chain.encode(torch.linspace(-1.0, 1.0, 4 * n, dtype=torch.float64).reshape(n, 4))
+    noise = rng.NoiseStream(seed, torch.arange(n), spec.shape, stream=_KIT_STREAM, dtype=torch.float64).normal(0)
+    if tuple(x0.shape[1:]) != tuple(spec.shape):
+        _fail(chain, f"encode must return the state shape {tuple(spec.shape)} (state_spec), got {tuple(x0.shape[1:])}")
+    for value in (LOGSNR_RANGE[0] / 3, 0.0, LOGSNR_RANGE[1] / 3):
+        a, s = chain.alpha_sigma(torch.full((n,), value, dtype=torch.float64))
+        x_t = _is_tensor(chain.perturb(x0, noise, a[:, None], s[:, None]), chain, "perturb")
+        if x_t.shape != x0.shape or not torch.isfinite(x_t).all():
+            _fail(chain, f"perturb at logsnr {value:g} must return finite values shaped like the state {tuple(x0.shape)}, got {tuple(x_t.shape)}")
+    prior = _is_tensor(chain.prior(chain.level(LOGSNR_RANGE[0]), noise), chain, "prior")
+    if prior.shape != noise.shape or not torch.isfinite(prior).all():
+        _fail(chain, f"prior must return finite values shaped like its noise {tuple(noise.shape)}, got {tuple(prior.shape)}")
+    if tuple(chain.decode(prior).shape) != (n, 4):
+        _fail(chain, f"decode must return the data shape (n, 4), got {tuple(chain.decode(prior).shape)}")
 
 
 #: step of the finite difference that checks d log alpha / d lambda
@@ -852,12 +882,17 @@ def check_sampler(
       sampler that returns its start (mean 0-ish, std 1) or diverges is far outside.
 
     A sampler that requires ``"manifold-state"`` is checked with a ``chain`` that provides it on
-    data at one point of the manifold (:func:`_check_manifold_sampler`).
+    data at one point of the manifold (:func:`_check_manifold_sampler`); with another ``chain``
+    without ``"gaussian-marginals"`` (coupled systems, products) only the contract is checked,
+    on the chain's own state (:func:`_check_state_sampler`).
     """
     if per_sample is None:  # samplers that adapt one step size to the whole batch opt out
         per_sample = not getattr(type(sampler), "couples_batch", False)
     if MANIFOLD_STATE in type(sampler).requires:
         _check_manifold_sampler(sampler, chain, batch, seed, per_sample)
+        return
+    if chain is not None and GAUSSIAN_MARGINALS not in type(chain).provides:
+        _check_state_sampler(sampler, chain, logsnr_range, batch, seed, per_sample)
         return
     chain = chain or _CoreVPChain()
     shape = tuple(shape)
@@ -926,6 +961,66 @@ def check_sampler(
                 f"{(mean - m).abs().max().item():.3g} and std in [{std.min().item():.3g}, {std.max().item():.3g}]; "
                 f"outside the sanity band (mean within {0.5 * s_data}, std in [{0.5 * s_data}, {1.5 * s_data}])",
             )
+
+
+def _check_state_sampler(sampler: Sampler, chain: Chain, logsnr_range: tuple[float, float], batch: int, seed: int, per_sample: bool) -> None:
+    """The part of :func:`check_sampler` for chains whose state is neither Gaussian nor
+    categorical: the contract without an accuracy band (what ``denoise`` means there is the
+    chain's, so an exact denoiser is the chain's own tests' business).
+
+    The grid is ``sampler.steps`` logSNRs evenly spaced over ``logsnr_range`` and the clean
+    level, from ``chain.level``; the start is ``chain.initial_state`` on the state of (4,)
+    data (``chain.state_spec``) and ``denoise`` returns the encoded data point 0. Checked:
+    finite float64 results shaped like the start; ``denoise`` called with
+    :class:`fundiff.Level` objects and ``callback(i, x, x0)`` with state-shaped tensors;
+    identical results on a second run with the same streams; with ``per_sample``, sample i
+    alone equals sample i in the batch (to R U).
+    """
+    shape = tuple(chain.state_spec(DataSpec(shape=(4,))).shape)
+    point = chain.encode(torch.zeros(1, 4, dtype=torch.float64))
+    lams = torch.linspace(logsnr_range[0], logsnr_range[1], sampler.steps, dtype=torch.float64).tolist()
+    grid = [chain.level(v) for v in lams] + [chain.level(math.inf)]
+    seen_types: set[type] = set()
+
+    def denoise(x: torch.Tensor, level: Level) -> torch.Tensor:
+        seen_types.add(type(level))
+        return point.expand(x.shape[0], *shape)
+
+    def run(ids: torch.Tensor, callback=None) -> torch.Tensor:
+        start = chain.initial_state(grid[0], _KitSource(seed, ids, shape, rng.STREAM_PRIOR))
+        return sampler.sample(denoise, start, grid, _KitSource(seed, ids, shape, rng.STREAM_SAMPLER), callback)
+
+    ids = torch.arange(batch)
+    calls: list[tuple[int, tuple, tuple]] = []
+    out = _is_tensor(run(ids, lambda i, x, x0: calls.append((i, tuple(x.shape), tuple(x0.shape)))), sampler, "sample")
+    expected = (batch, *shape)
+    if out.shape != expected or out.dtype != torch.float64 or not torch.isfinite(out).all():
+        _fail(sampler, f"sample must return finite float64 values of the start's shape {expected}, got {out.dtype} {tuple(out.shape)}")
+    if seen_types != {Level}:
+        _fail(sampler, f"denoise must be called with fundiff.Level objects, got {seen_types or 'no calls'}")
+    if not calls or any(c[1] != expected or c[2] != expected for c in calls):
+        _fail(sampler, f"callback(i, x, x0) must be called with tensors of shape {expected}, got {calls[:1] or 'no calls'}")
+    if not torch.equal(run(ids), out):
+        _fail(sampler, "not reproducible: two runs with the same random streams differ")
+    if per_sample:
+        sub = torch.tensor([batch - 1, 0, batch // 2])
+        tol = ROUNDINGS * U * (1 + out.abs().max().item())
+        if (run(sub) - out[sub]).abs().max().item() > tol:
+            _fail(sampler, f"sample i depends on its batch: ids {sub.tolist()} alone differ from the full batch")
+
+
+class _KitSource:
+    """A noise source for categorical states: ``sample(draw)`` standard normals and
+    ``uniform(draw)`` uniforms of the state's shape, per sample id."""
+
+    def __init__(self, seed: int, ids: torch.Tensor, shape: Sequence[int], stream: int):
+        self.stream = rng.NoiseStream(seed, ids, tuple(shape), stream=stream, dtype=torch.float64)
+
+    def sample(self, draw: int) -> torch.Tensor:
+        return self.stream.normal(draw)
+
+    def uniform(self, draw: int) -> torch.Tensor:
+        return self.stream.uniform(draw)
 
 
 # --------------------------------------------------------------------------------------
