@@ -248,3 +248,21 @@ def test_cli_backend_and_cuda_graphs_flags(tmp_path, monkeypatch, capsys):
         assert cli.main(["sample", run_dir, "-n", "4", "-q", "--no-plot", *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith("fundiff: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_kernel_benchmark_refuses_without_cuda_and_its_smoke_run_works(capsys):
+    """benchmarks/kernels.py measures GPU kernels: without CUDA it exits with status 2 and
+    says why; --smoke runs its code paths (agreement check included) at tiny sizes."""
+    if DEVICE.type == "cuda":
+        pytest.skip("the CPU-only refusal and interpreter smoke run (on a GPU, run the benchmark itself)")
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", os.path.join(ROOT, "benchmarks", "kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--only", "kernels"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+    assert module.main(["--smoke", "--no-compile", "--only", "kernels"]) == 0
+    assert "fused step disagrees" not in capsys.readouterr().out

@@ -648,7 +648,8 @@ class Pipeline:
                     x = sampler.sample(denoise, x, levels, noise, lambda i, x_i, x0_i: finite.append(torch.isfinite(x_i).all()))
                 else:  # captured once per batch shape, replayed with this batch's x, sample ids and labels
                     run = lambda x_in, record, denoise=denoise, noise=noise: sampler.sample(denoise, x_in, levels, noise, record)
-                    x, finite = graphed(run, x, [stream.device_ids, cond])
+                    repeats = start + num_samples - (begin + ids.numel()) >= ids.numel()  # a later batch of this size?
+                    x, finite = graphed(run, x, [stream.device_ids, cond], capture=repeats)
             if finite and not bool(torch.stack(finite).all()):
                 first = int(torch.nonzero(~torch.stack(finite))[0])
                 name = self.recipe.names.get("sampler", type(sampler).__name__) if sampler is self.sampler else type(sampler).__name__

@@ -6,8 +6,9 @@ A sampler that writes its update through an executor is fused without writing a 
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
         ex = fused.executor(x)                       # once per run: the backend for x's device
+        predict = ex.predictor(denoise)              # once per run
         for i in range(len(levels) - 1):
-            x0 = ex.predict(denoise, x, levels[i])   # a tensor, or a deferred guided Prediction
+            x0 = predict(x, levels[i])               # a tensor, or a deferred guided Prediction
             z = ex.noise(noise, i)                   # a tensor, or in-kernel Philox noise
             x, x0 = ex.step(((c_x, x), (c_d, x0), (c_z, z)), ((1.0, x0),))
 

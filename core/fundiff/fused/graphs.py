@@ -41,30 +41,37 @@ class GraphedSampling:
         sample: Callable[[torch.Tensor, Callable], torch.Tensor],
         x: torch.Tensor,
         inputs: Sequence[torch.Tensor | None],
+        capture: bool = True,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``sample(x, callback)`` runs the loop; ``inputs`` are the other tensors it reads that
         change between batches (in place: sample ids on the device, labels). Returns the result
-        and the per-step finiteness flags the callback recorded."""
+        and the per-step finiteness flags the callback recorded. ``capture=False``: no later
+        batch has this shape, so a new shape runs eagerly without being captured."""
         key = (tuple(x.shape), x.dtype, tuple(None if t is None else (tuple(t.shape), t.dtype) for t in inputs))
-        capture = self._captures.get(key)
-        if capture is not None:
-            capture.x.copy_(x)
-            for static, new in zip(capture.inputs, inputs):
+        captured = self._captures.get(key)
+        if captured is not None:
+            captured.x.copy_(x)
+            for static, new in zip(captured.inputs, inputs):
                 if static is not None and new is not static:
                     static.copy_(new)
-            capture.graph.replay()
-            return capture.out.clone(), [f.clone() for f in capture.flags]
+            captured.graph.replay()
+            return captured.out.clone(), [f.clone() for f in captured.flags]
 
         def recorder(flags: list) -> Callable:
             return lambda i, x_i, x0_i: flags.append(torch.isfinite(x_i).all())
 
-        # warm-up: the first batch eagerly on a side stream (compiles kernels, allocates workspaces)
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
         eager_flags: list = []
+        if not capture:
+            return sample(x, recorder(eager_flags)), eager_flags
+        # warm-up: the first batch eagerly on a side stream (compiles kernels, allocates workspaces)
+        current = torch.cuda.current_stream(x.device)
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(current)
         with torch.cuda.stream(side):
             result = sample(x, recorder(eager_flags))
-        torch.cuda.current_stream(x.device).wait_stream(side)
+        current.wait_stream(side)
+        for t in [result, *eager_flags]:  # made on the side stream, used on this one
+            t.record_stream(current)
 
         static_x = x.clone()
         flags: list = []

@@ -109,6 +109,10 @@ class TorchExecutor:
     def predict(self, denoise, x: torch.Tensor, level) -> torch.Tensor:
         return denoise(x, level)
 
+    def predictor(self, denoise):
+        """``predict`` bound to ``denoise`` once per run: here ``denoise`` itself (no cost per step)."""
+        return denoise
+
     def noise(self, source, draw: int) -> torch.Tensor:
         return source.sample(draw)
 
@@ -118,6 +122,8 @@ class TorchExecutor:
                 return _combine(outputs[0]), _combine(outputs[1])
             if len(outputs) == 1:
                 return (_combine(outputs[0]),)
+            if len(outputs) == 3:
+                return _combine(outputs[0]), _combine(outputs[1]), _combine(outputs[2])
             return tuple([_combine(terms) for terms in outputs])
         except (_General, TypeError):
             return self._general(outputs)

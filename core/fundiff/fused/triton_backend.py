@@ -52,6 +52,10 @@ class TritonExecutor:
         deferred = getattr(denoise, "deferred", None)
         return deferred(x, level) if deferred is not None else denoise(x, level)
 
+    def predictor(self, denoise):
+        """``predict`` bound to ``denoise`` once per run: ``predictor(denoise)(x, level)``."""
+        return getattr(denoise, "deferred", denoise)
+
     def noise(self, source, draw: int):
         """Fresh noise for ``draw``: a :class:`PhiloxNormal` drawn in the kernel when the source
         offers ``philox(draw)`` (standard normal noise from a :class:`fundiff.NoiseStream`),

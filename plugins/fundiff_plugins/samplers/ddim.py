@@ -33,9 +33,10 @@ class DDIM(Sampler):
         if self.eta > 0 and noise is None:
             raise ValueError("ddim with eta > 0 needs a noise stream")
         ex = fused.executor(x)
+        predict = ex.predictor(denoise)  # the x0 estimate, or its guided Prediction on the fused backend
         for i in range(len(levels) - 1):
             t, s = levels[i], levels[i + 1]
-            x0 = ex.predict(denoise, x, t)
+            x0 = predict(x, t)
             if s.is_clean:
                 x, x0 = ex.step(((s.alpha, x0),), ((1.0, x0),))
             else:

@@ -30,9 +30,10 @@ class DDPM(Sampler):
         if noise is None:
             raise ValueError("ddpm needs a noise stream")
         ex = fused.executor(x)
+        predict = ex.predictor(denoise)  # the x0 estimate, or its guided Prediction on the fused backend
         for i in range(len(levels) - 1):
             t, s = levels[i], levels[i + 1]
-            x0 = ex.predict(denoise, x, t)
+            x0 = predict(x, t)
             coef_x0, coef_xt, var = noiselevel.posterior(s, t)
             chosen = noise.variance(s, t) if hasattr(noise, "variance") else None
             var = var if chosen is None else chosen

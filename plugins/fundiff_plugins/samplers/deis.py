@@ -92,12 +92,13 @@ class DEIS(Sampler):
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
         ex = fused.executor(x)
+        predict = ex.predictor(denoise)  # the x0 estimate, or its guided Prediction on the fused backend
         x, levels, offset = zero_snr_start(denoise, x, levels, callback, ex)
         plan = deis_plan(tuple((lv.logsnr, lv.alpha, lv.sigma) for lv in levels), self.order, self.variant)
         history: list = []  # eps estimates, newest first
         for i, coefs in enumerate(plan):
             t = levels[i]
-            x0 = ex.predict(denoise, x, t)
+            x0 = predict(x, t)
             # eps_t = (x - alpha_t x0) / sigma_t; x_s = c_x x + c_0 eps_t + sum_{j >= 1} c_j eps_j
             c_0 = coefs[1]
             older = [(c, history[j - 1]) for j, c in enumerate(coefs[2:], start=1)]

@@ -59,8 +59,9 @@ class DPMSolverPP2M(Sampler):
         plan = plan_2m(levels)
         previous = None
         ex = fused.executor(x)
+        predict = ex.predictor(denoise)  # the x0 estimate, or its guided Prediction on the fused backend
         for i, (c_x, c_t, c_p) in enumerate(plan):
-            x0 = ex.predict(denoise, x, levels[i])
+            x0 = predict(x, levels[i])
             x, x0 = ex.step(((c_x, x), (c_t, x0), (c_p, previous)) if c_p != 0.0 else ((c_t, x0), (c_x, x)), ((1.0, x0),))
             previous = x0
             if callback is not None:

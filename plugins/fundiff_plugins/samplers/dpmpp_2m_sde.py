@@ -74,8 +74,9 @@ class DPMpp2MSDE(Sampler):
         draws = StepNoise(noise, self.noise, levels, sampler="dpmpp-2m-sde") if any(p[3] > 0 for p in plans) else None
         x0_prev = None
         ex = fused.executor(x)
+        predict = ex.predictor(denoise)  # the x0 estimate, or its guided Prediction on the fused backend
         for i, (c_x, c_d, c_diff, c_z) in enumerate(plans):
-            x0 = ex.predict(denoise, x, levels[i])
+            x0 = predict(x, levels[i])
             if c_diff != 0.0 and x0_prev is not None:
                 c_d, terms = c_d + c_diff, [(-c_diff, x0_prev)]
             else:

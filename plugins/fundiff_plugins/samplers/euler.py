@@ -36,8 +36,9 @@ class Euler(Sampler):
             ratio = sigma_tilde(s) / sigma_tilde(t)
             coefs.append((s.sigma / t.sigma, s.alpha * (1.0 - ratio)))
         ex = fused.executor(x)
+        predict = ex.predictor(denoise)  # the x0 estimate, or its guided Prediction on the fused backend
         for i, (c_x, c_d) in enumerate(coefs):
-            x0 = ex.predict(denoise, x, levels[i])
+            x0 = predict(x, levels[i])
             x, x0 = ex.step(((c_d, x0),) if c_x == 0.0 else ((c_x, x), (c_d, x0)), ((1.0, x0),))
             if callback is not None:
                 callback(i, x, x0)

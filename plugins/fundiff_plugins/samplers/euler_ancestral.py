@@ -73,8 +73,9 @@ class EulerAncestral(Sampler):
             steps.append(((s.sigma / t.sigma) * down, s.alpha * (1.0 - q), self.s_noise * s.sigma * up))
         draws = StepNoise(noise, self.noise, levels, sampler="euler-ancestral") if any(c[2] > 0 for c in steps) else None
         ex = fused.executor(x)
+        predict = ex.predictor(denoise)  # the x0 estimate, or its guided Prediction on the fused backend
         for i, (c_x, c_d, c_z) in enumerate(steps):
-            x0 = ex.predict(denoise, x, levels[i])
+            x0 = predict(x, levels[i])
             terms = [(c_d, x0)] if c_x == 0.0 else [(c_x, x), (c_d, x0)]
             if c_z > 0.0:
                 terms.append((c_z, draws.operand(ex, i, levels[i], levels[i + 1])))

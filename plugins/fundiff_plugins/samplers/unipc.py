@@ -110,11 +110,12 @@ class UniPC(Sampler):
 
     def sample(self, denoise, x, levels, noise=None, callback=None):
         ex = fused.executor(x)
+        predict = ex.predictor(denoise)  # the x0 estimate, or its guided Prediction on the fused backend
         x, levels, offset = zero_snr_start(denoise, x, levels, callback, ex)
         history: list = []  # x0 estimates, newest first
         x_last = None
         for i, (p, pred, corr) in enumerate(self.plan(levels)):
-            m = ex.predict(denoise, x, levels[i])
+            m = predict(x, levels[i])
             # the predictor's history terms m_k (k >= 1) are the estimates before this one
             older = [(c, history[k - 1]) for k, c in enumerate(pred[2:], start=1)]
             if corr is None:
