@@ -380,3 +380,25 @@ def test_automatic_fallback_is_logged_once(caplog):
             assert isinstance(fused.executor(CudaDouble(), "auto"), fused.TorchExecutor)
     records = [r for r in caplog.records if r.name == "fundiff.fused"]
     assert len(records) == 1 and "torch backend" in records[0].getMessage() and "float64" in records[0].getMessage()
+
+
+def test_steps_that_need_gradients_fall_back_or_are_refused(caplog):
+    """The kernels have no backward: with autograd on and an operand that requires gradients,
+    an automatically chosen triton executor runs the step with torch (gradients flow, logged
+    once), an explicitly chosen one refuses with a message naming the fix."""
+    from fundiff.fused.triton_backend import TritonExecutor
+
+    x = torch.randn(2, 5, device=DEVICE, requires_grad=True)
+    c, u = torch.randn(2, 5, device=DEVICE), torch.randn(2, 5, device=DEVICE)
+    p = Prediction(branches=(c, u), weights=(2.0, -1.0))
+    fused._logged.clear()
+    with caplog.at_level("WARNING", logger="fundiff.fused"):
+        (out,) = TritonExecutor(DEVICE, automatic=True).step(((0.5, x), (1.5, p)))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 0.5))
+    assert torch.allclose(out, 0.5 * x + 1.5 * (2 * c - u), rtol=0, atol=1e-5)
+    assert any("require gradients" in r.getMessage() for r in caplog.records)
+    with pytest.raises(FundiffError, match="no backward"):
+        TRITON.step(((0.5, x), (1.5, p)))
+    with torch.no_grad():
+        TRITON.step(((0.5, x), (1.5, p)))  # under no_grad the kernel runs

@@ -72,7 +72,7 @@ logger = logging.getLogger("fundiff.fused")
 
 _backend: contextvars.ContextVar[str] = contextvars.ContextVar("fundiff_fused_backend", default="auto")
 _torch_executor = TorchExecutor()
-_triton_executors: dict[torch.device, TritonExecutor] = {}
+_triton_executors: dict[tuple[torch.device, bool], TritonExecutor] = {}
 _logged: set[str] = set()
 _triton_import_error: str | None = None
 _triton_checked = False
@@ -149,9 +149,10 @@ def executor(x: torch.Tensor, name: str | None = None) -> TorchExecutor | Triton
             )
         _log_once(f"fused steps: using the torch backend because {reason}")
         return _torch_executor
-    ex = _triton_executors.get(x.device)
+    key = (x.device, name == "auto")
+    ex = _triton_executors.get(key)
     if ex is None:
         from .triton_backend import TritonExecutor
 
-        ex = _triton_executors[x.device] = TritonExecutor(x.device)
+        ex = _triton_executors[key] = TritonExecutor(x.device, automatic=name == "auto")
     return ex

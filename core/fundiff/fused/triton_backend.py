@@ -22,11 +22,12 @@ import triton
 from ..errors import FundiffError
 from . import _kernels
 from .step import PhiloxNormal, Prediction, StepPlan, Term, plan, threshold_scale
-from .torch_backend import output_dtype
+from .torch_backend import TorchExecutor, output_dtype
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 #: CUDA's limit on the second grid dimension (the rescale pass has one program row per sample)
 _MAX_GRID_Y = 65535
+_REFERENCE = TorchExecutor()
 
 
 class TritonExecutor:
@@ -39,8 +40,11 @@ class TritonExecutor:
     #: flops, a second kernel costs another pass over memory
     single_pass = True
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, automatic: bool = False):
         self.device = torch.device(device)
+        #: chosen by backend "auto": a step that needs autograd falls back to torch (logged
+        #: once); chosen explicitly, such a step is an error (the kernels have no backward)
+        self.automatic = automatic
         self.interpreting = self.device.type == "cpu"  # CPU tensors reach here only under TRITON_INTERPRET=1
 
     # ------------------------------------------------------------------ operands
@@ -70,6 +74,8 @@ class TritonExecutor:
         step = plan(outputs, self._materialize)
         if all(keep is not None for keep in step.passthrough):
             return step.passthrough  # every output is an operand: nothing to compute
+        if torch.is_grad_enabled() and any(t.requires_grad for t in step.leaves):
+            return self._without_kernels(outputs)
         _, _, dtype = self._check(step)
         prediction = step.prediction if step.uses_prediction else None
         if prediction is not None and prediction.threshold is not None:
@@ -84,6 +90,19 @@ class TritonExecutor:
     def combine(self, terms: Sequence[Term]) -> torch.Tensor:
         """One output: ``step(terms)[0]``."""
         return self.step(terms)[0]
+
+    def _without_kernels(self, outputs: Sequence[Sequence[Term]]) -> tuple[torch.Tensor, ...]:
+        """A step whose operands need gradients: the kernels have no backward, so torch does it
+        (backend auto) or the user is told (backend triton)."""
+        if not self.automatic:
+            raise FundiffError(
+                "the triton backend's kernels have no backward pass, but this step's operands require gradients; "
+                "sample under torch.no_grad() (fundiff's pipeline does), or use backend auto or torch"
+            )
+        from . import _log_once
+
+        _log_once("fused steps: a step whose operands require gradients runs on the torch backend (the kernels have no backward)")
+        return _REFERENCE.step(*outputs)
 
     def _materialize(self, operand) -> torch.Tensor:
         if isinstance(operand, Prediction):
