@@ -157,6 +157,8 @@ def test_cld_logsnr_falls_strictly_and_the_prior_is_reached_at_the_horizon():
         return 0.5 * float(torch.trace(inv @ cov) + mu @ inv @ mu - 2 + torch.logdet(prior) - torch.logdet(cov))
 
     assert chain.horizon_time == 4.0
+    with pytest.raises(FundiffError, match="coupled"):  # not a scalar Gaussian SDE: no silent wrong answer
+        chain.pf_ode(torch.zeros(2, 4), torch.zeros(2, 4), chain.level(0.0))
     kls = [kl_to_prior(b_value, 3.0) for b_value in (2.0, 4.0, 8.0)]
     assert kls[1] < 2e-4 and kls[0] > kls[1] > kls[2] >= 0, kls
     start = chain.sampling_levels(noise_levels(Cosine(), chain, 10), Cosine())[0]
@@ -416,7 +418,8 @@ def test_product_parts_must_tile_the_state():
     """Part layouts are validated: gaps, overlaps, duplicate names and an open end before the
     last part are refused when built, a channel bound that is neither an integer nor null when
     the recipe loads (``int | None`` fields are type-checked), and a layout that does not
-    cover the data's axis 1 when the state is formed, each with a message naming the fix."""
+    cover the data's axis 1 when the state is formed, each with a message naming the fix.
+    The Gaussian-chain SDE methods refuse too: each part has its own SDE in its own lambda."""
     with pytest.raises(ValueError, match="without gaps or overlaps"):
         Product(parts=(Part(name="a", channels=(0, 2)), Part(name="b", channels=(3, 4))))
     with pytest.raises(ValueError, match="unique"):
@@ -428,6 +431,8 @@ def test_product_parts_must_tile_the_state():
             os.path.join(RECIPES, "product-joint-label.yaml"),
             overrides={"chain.parts": [{"name": "a", "channels": [0, 2]}, {"name": "b", "channels": [2, "x"]}]},
         )
+    with pytest.raises(FundiffError, match="one SDE per part"):
+        _two_speed_product().reverse_sde(torch.zeros(2, 4), torch.zeros(2, 4), _two_speed_product().level(0.0))
     with pytest.raises(FundiffError, match="end the last part at 5"):
         Product(parts=(Part(name="a", channels=(0, 2)), Part(name="b", channels=(2, 4)))).state_spec(fundiff.DataSpec(shape=(5,)))
 

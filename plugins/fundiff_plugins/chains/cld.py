@@ -61,6 +61,7 @@ import torch
 from fundiff import Chain, Level, Schedule, hookimpl
 from fundiff.components import CORRUPTION_OPERATOR, GAUSSIAN_NOISE, DataSpec
 from fundiff.config import doc, greater_than, in_range
+from fundiff.errors import FundiffError
 
 #: capability of the cld chain: a (position, velocity) state whose samplers use its dynamics
 CLD_STATE = "cld-state"
@@ -343,6 +344,14 @@ class CriticallyDampedLangevin(Chain):
     def training_logsnr(self, logsnr: torch.Tensor, schedule: Schedule) -> torch.Tensor:
         """Draws noisier than the horizon are moved to it: sampling never visits them."""
         return logsnr.clamp(min=_host_logsnr(self.horizon_time, self.mass, self.gamma))
+
+    def forward_sde(self, level: Level) -> tuple[float, float]:
+        """Not a scalar linear SDE in lambda: the coupled (x, v) dynamics are the module
+        docstring's, and ``reverse_linear_step`` / ``score_step`` integrate their reverse."""
+        raise FundiffError(
+            "chain 'cld' is a coupled (x, v) system: its SDE is not the scalar dx = f x dtau + g dW of a Gaussian "
+            "chain (forward_sde, reverse_sde, pf_ode); use its reverse_linear_step and score_step, as cld-sscs does"
+        )
 
     # ---------------------------------------------------------------- state
 

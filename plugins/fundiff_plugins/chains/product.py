@@ -162,6 +162,13 @@ class Product(Chain):
         made = self.parts[0].chain.level(float(logsnr))
         return Level(logsnr=made.logsnr, alpha=made.alpha, sigma=made.sigma)
 
+    def forward_sde(self, level: Level) -> tuple[float, float]:
+        """Each part has its own SDE in its own lambda_i; one (f, g^2) cannot describe them."""
+        raise FundiffError(
+            "chain 'product' has one SDE per part, each in its own logSNR: there is no single (f, g^2) "
+            "(forward_sde, reverse_sde, pf_ode); use part_levels(level) and each part's chain"
+        )
+
     # ---------------------------------------------------------------- state
 
     def state_spec(self, spec: DataSpec) -> DataSpec:
