@@ -36,3 +36,19 @@ def oracle_recipe(**sections) -> dict:
     }
     recipe.update(sections)
     return recipe
+
+
+def kit_pairs(component_cls, chain_cls, chain_capabilities) -> bool:
+    """Whether fundiff.testing's checks of a component paired with a chain apply.
+
+    ``chain_capabilities`` is what any registered chain provides (the kind of state: Gaussian
+    marginals, categorical, manifold, ...). The chain must provide every one of them that the
+    component requires; a component that requires none of them is written for Gaussian
+    chains (as the kit's Gaussian checks assume) and is paired with chains that provide
+    ``gaussian-marginals`` only."""
+    from fundiff.components import GAUSSIAN_MARGINALS
+
+    needed = component_cls.requires & chain_capabilities
+    if needed:
+        return needed <= chain_cls.provides
+    return GAUSSIAN_MARGINALS in chain_cls.provides

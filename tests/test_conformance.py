@@ -8,16 +8,35 @@ from __future__ import annotations
 import pytest
 
 import fundiff
+from fundiff.components import GAUSSIAN_MARGINALS
 from fundiff.testing import COVERED_KINDS, check_component
+from helpers import kit_pairs
 
 _REGISTRY = fundiff.Registry.discover()
-COMPONENTS = [(kind, name) for kind in COVERED_KINDS for name in _REGISTRY.names(kind)]
 PARTNERS = {"weighting": "schedule", "parameterization": "chain", "sampler": "chain"}
+#: what registered chains provide: the kinds of state a component may require of its chain
+CHAIN_CAPABILITIES = frozenset().union(*(e.cls.provides for e in _REGISTRY.entries("chain")))
+
+
+def _checkable(kind: str, name: str, partner: str | None) -> bool:
+    """Components that need a chain are checked with the chains whose state they fit
+    (helpers.kit_pairs); without a partner, with the kit's own Gaussian chain, only when they
+    require no other kind of state."""
+    if PARTNERS.get(kind) != "chain":
+        return True
+    cls = _REGISTRY.resolve(kind, name).cls
+    if partner is None:
+        return cls.requires & CHAIN_CAPABILITIES <= {GAUSSIAN_MARGINALS}
+    return kit_pairs(cls, _REGISTRY.resolve("chain", partner).cls, CHAIN_CAPABILITIES)
+
+
+COMPONENTS = [(kind, name) for kind in COVERED_KINDS for name in _REGISTRY.names(kind) if _checkable(kind, name, None)]
 PAIRED = [
     (kind, name, partner)
     for kind, partner_kind in PARTNERS.items()
     for name in _REGISTRY.names(kind)
     for partner in _REGISTRY.names(partner_kind)
+    if partner_kind != "chain" or _checkable(kind, name, partner)
 ]
 
 

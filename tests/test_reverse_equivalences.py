@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import fundiff
 from fundiff import Schedule, noiselevel
+from fundiff.components import GAUSSIAN_MARGINALS
 from fundiff.testing import (
     ROUNDINGS,
     U,
@@ -39,7 +40,14 @@ from fundiff.testing import (
 from helpers import RECIPES
 
 _REGISTRY = fundiff.Registry.discover()
-PARAMS = _REGISTRY.names("parameterization")
+#: parameterizations of Gaussian states: those that require no other kind of chain state
+#: (categorical ones such as logits have no regression target to compare)
+_CHAIN_CAPABILITIES = frozenset().union(*(e.cls.provides for e in _REGISTRY.entries("chain")))
+PARAMS = [
+    name
+    for name in _REGISTRY.names("parameterization")
+    if _REGISTRY.resolve("parameterization", name).cls.requires & _CHAIN_CAPABILITIES <= {GAUSSIAN_MARGINALS}
+]
 WEIGHTINGS = _REGISTRY.names("weighting")
 PAIRS = list(itertools.permutations(PARAMS, 2))
 FAMILIES = {"vp": noiselevel.vp_alpha_sigma, "alpha=1": noiselevel.ve_alpha_sigma}

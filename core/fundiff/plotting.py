@@ -30,6 +30,7 @@ def save_picture(
     title: str = "",
 ) -> bool:
     """Write a PNG of ``samples``; returns False when the data has no picture (e.g. 5-D points)."""
+    samples, spec = _as_grey_levels(samples, spec)
     if spec.modality == "images" and len(spec.shape) == 3:
         payload = _image_grid(samples, title)
     elif spec.modality == "points" and spec.shape[-1] >= 2:
@@ -38,6 +39,18 @@ def save_picture(
         return False
     atomic_write_bytes(path, payload)
     return True
+
+
+def _as_grey_levels(samples: torch.Tensor, spec: DataSpec) -> tuple[torch.Tensor, DataSpec]:
+    """Images one-hot over K classes along their first axis (modality ``one-hot-images``,
+    shape (K, H, W)) as one grey image of their class index: class 0 black (-1), class K - 1
+    white (+1); other data unchanged."""
+    if spec.modality != "one-hot-images" or len(spec.shape) != 3 or samples.ndim != 4:
+        return samples, spec
+    k, h, w = spec.shape
+    index = samples.float().argmax(1, keepdim=True)
+    grey = 2.0 * index / max(k - 1, 1) - 1.0
+    return grey, DataSpec(shape=(1, h, w), num_classes=spec.num_classes, modality="images")
 
 
 def _scatter(samples: torch.Tensor, reference: Optional[torch.Tensor], title: str) -> bytes:
@@ -180,6 +193,7 @@ def plot_report(path: str, metrics: "list[dict]", samples: torch.Tensor, spec: D
     ax.set_title("training loss", fontsize=9)
     ax.grid(alpha=0.3)
     ax = fig.add_subplot(1, 3, 2)
+    samples, spec = _as_grey_levels(samples, spec)
     if spec.modality == "images" and len(spec.shape) == 3:
         count = min(samples.shape[0], 36)
         side = math.ceil(math.sqrt(count))

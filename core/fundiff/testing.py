@@ -41,6 +41,7 @@ import torch
 
 from . import noiselevel, rng
 from .components import (
+    CATEGORICAL_STATE,
     GAUSSIAN_MARGINALS,
     KIND_BASES,
     MANIFOLD_STATE,
@@ -360,6 +361,8 @@ def check_chain(chain: Chain, *, logsnr_range: tuple[float, float] = LOGSNR_RANG
       standard errors (sigma / sqrt(n) for the mean; sqrt((m4 - var^2) / n) for the
       variance, m4 the sample fourth central moment).
     * ``prior`` returns a finite tensor shaped like its noise.
+    * Chains that provide ``"categorical-state"`` get the categorical checks instead of the
+      moments (:func:`_check_categorical_chain`).
     * Chains without ``"gaussian-marginals"`` whose state has no check of its own here
       (coupled systems, products) get shape and finiteness checks of ``encode``, ``perturb``,
       ``prior`` and ``decode`` on their ``state_spec`` instead of the moments
@@ -399,6 +402,10 @@ def check_chain(chain: Chain, *, logsnr_range: tuple[float, float] = LOGSNR_RANG
             _fail(chain, f"level(inf) must be the clean level (sigma = 0), got {clean}")
         _check_dlog_alpha(chain, lam)
 
+    if CATEGORICAL_STATE in type(chain).provides:
+        # one-hot states: the Gaussian moments below do not apply
+        _check_categorical_chain(chain, seed)
+        return
     if MANIFOLD_STATE in type(chain).provides:
         # a manifold state: its maps instead of the Gaussian moments below
         _check_manifold_chain(chain, seed)
@@ -556,7 +563,13 @@ def check_parameterization(
     |lambda|) for the log. Without ``chain`` the checks run on two families of the core
     math, alpha^2 + sigma^2 = 1 and alpha = 1, since the contract says a parameterization
     uses (alpha, sigma) alone.
+
+    A parameterization that requires ``"categorical-state"`` gets the categorical checks
+    instead (:func:`_check_categorical_parameterization`).
     """
+    if CATEGORICAL_STATE in type(param).requires:
+        _check_categorical_parameterization(param, chain, logsnr_range, seed)
+        return
     lam = torch.linspace(logsnr_range[0], logsnr_range[1], 61, dtype=torch.float64)
     n = lam.numel()
     shape = tuple(shape)
@@ -884,12 +897,17 @@ def check_sampler(
     A sampler that requires ``"manifold-state"`` is checked with a ``chain`` that provides it on
     data at one point of the manifold (:func:`_check_manifold_sampler`); with another ``chain``
     without ``"gaussian-marginals"`` (coupled systems, products) only the contract is checked,
-    on the chain's own state (:func:`_check_state_sampler`).
+    on the chain's own state (:func:`_check_state_sampler`). A sampler that requires
+    ``"categorical-state"`` is checked on categorical data with a ``chain`` that provides it
+    (:func:`_check_categorical_sampler`).
     """
     if per_sample is None:  # samplers that adapt one step size to the whole batch opt out
         per_sample = not getattr(type(sampler), "couples_batch", False)
     if MANIFOLD_STATE in type(sampler).requires:
         _check_manifold_sampler(sampler, chain, batch, seed, per_sample)
+        return
+    if CATEGORICAL_STATE in type(sampler).requires:
+        _check_categorical_sampler(sampler, chain, logsnr_range, batch, seed, per_sample)
         return
     if chain is not None and GAUSSIAN_MARGINALS not in type(chain).provides:
         _check_state_sampler(sampler, chain, logsnr_range, batch, seed, per_sample)
@@ -1336,6 +1354,262 @@ def check_data(data: DataSet) -> None:
     again = data.load()
     if not torch.equal(again.x, x):
         _fail(data, "load() is not deterministic for fixed parameters")
+
+
+# --------------------------------------------------------------------------------------
+# Categorical states (components that provide or require "categorical-state")
+# --------------------------------------------------------------------------------------
+#
+# A categorical chain's state is one-hot over M classes along axis 1 of a batch. The reverse
+# step a categorical sampler draws from is the chain's, reached through ``level.chain``:
+# ``posterior(x_t, x0, s, t)`` (probabilities of x_s; x0 one-hot or a predicted
+# distribution), ``x0_distribution(probs)`` (a prediction as a distribution over the data
+# classes) and ``sample_categorical(probs, u)`` (one-hot draws at uniforms u).
+
+#: data classes and positions of the kit's categorical test data
+_CATEGORICAL_SHAPE = (3, 5)
+
+
+def _one_hot_problem(x: torch.Tensor, num_classes: int) -> Optional[str]:
+    """None when ``x`` is one-hot over ``num_classes`` classes along axis 1, else what is wrong."""
+    if x.ndim < 2 or x.shape[1] != num_classes:
+        return f"shape {tuple(x.shape)} has not {num_classes} classes on axis 1"
+    if not bool(((x == 0) | (x == 1)).all()):
+        return "values other than 0 and 1"
+    if not bool((x.sum(1) == 1).all()):
+        return "positions without exactly one class"
+    return None
+
+
+def _kit_one_hot(seed: int, draw: int, n: int, num_classes: int, positions: int) -> torch.Tensor:
+    """(n, num_classes, positions) float64 one-hot with uniformly random classes."""
+    classes = (_kit_uniform_shaped(seed, draw, n, (positions,)) * num_classes).long().clamp(max=num_classes - 1)
+    return torch.nn.functional.one_hot(classes, num_classes).movedim(-1, 1).to(torch.float64)
+
+
+def _kit_uniform_shaped(seed: int, draw: int, n: int, shape: Sequence[int]) -> torch.Tensor:
+    return rng.uniform(seed, _KIT_STREAM, draw, torch.arange(n), tuple(shape))
+
+
+def _check_state_sampler(sampler: Sampler, chain: Chain, logsnr_range: tuple[float, float], batch: int, seed: int, per_sample: bool) -> None:
+    """The part of :func:`check_sampler` for chains whose state is neither Gaussian nor
+    categorical: the contract without an accuracy band (what ``denoise`` means there is the
+    chain's, so an exact denoiser is the chain's own tests' business).
+
+    The grid is ``sampler.steps`` logSNRs evenly spaced over ``logsnr_range`` and the clean
+    level, from ``chain.level``; the start is ``chain.initial_state`` on the state of (4,)
+    data (``chain.state_spec``) and ``denoise`` returns the encoded data point 0. Checked:
+    finite float64 results shaped like the start; ``denoise`` called with
+    :class:`fundiff.Level` objects and ``callback(i, x, x0)`` with state-shaped tensors;
+    identical results on a second run with the same streams; with ``per_sample``, sample i
+    alone equals sample i in the batch (to R U).
+    """
+    shape = tuple(chain.state_spec(DataSpec(shape=(4,))).shape)
+    point = chain.encode(torch.zeros(1, 4, dtype=torch.float64))
+    lams = torch.linspace(logsnr_range[0], logsnr_range[1], sampler.steps, dtype=torch.float64).tolist()
+    grid = [chain.level(v) for v in lams] + [chain.level(math.inf)]
+    seen_types: set[type] = set()
+
+    def denoise(x: torch.Tensor, level: Level) -> torch.Tensor:
+        seen_types.add(type(level))
+        return point.expand(x.shape[0], *shape)
+
+    def run(ids: torch.Tensor, callback=None) -> torch.Tensor:
+        start = chain.initial_state(grid[0], _KitSource(seed, ids, shape, rng.STREAM_PRIOR))
+        return sampler.sample(denoise, start, grid, _KitSource(seed, ids, shape, rng.STREAM_SAMPLER), callback)
+
+    ids = torch.arange(batch)
+    calls: list[tuple[int, tuple, tuple]] = []
+    out = _is_tensor(run(ids, lambda i, x, x0: calls.append((i, tuple(x.shape), tuple(x0.shape)))), sampler, "sample")
+    expected = (batch, *shape)
+    if out.shape != expected or out.dtype != torch.float64 or not torch.isfinite(out).all():
+        _fail(sampler, f"sample must return finite float64 values of the start's shape {expected}, got {out.dtype} {tuple(out.shape)}")
+    if seen_types != {Level}:
+        _fail(sampler, f"denoise must be called with fundiff.Level objects, got {seen_types or 'no calls'}")
+    if not calls or any(c[1] != expected or c[2] != expected for c in calls):
+        _fail(sampler, f"callback(i, x, x0) must be called with tensors of shape {expected}, got {calls[:1] or 'no calls'}")
+    if not torch.equal(run(ids), out):
+        _fail(sampler, "not reproducible: two runs with the same random streams differ")
+    if per_sample:
+        sub = torch.tensor([batch - 1, 0, batch // 2])
+        tol = ROUNDINGS * U * (1 + out.abs().max().item())
+        if (run(sub) - out[sub]).abs().max().item() > tol:
+            _fail(sampler, f"sample i depends on its batch: ids {sub.tolist()} alone differ from the full batch")
+
+
+def _check_categorical_chain(chain: Chain, seed: int) -> None:
+    """The part of :func:`check_chain` for chains that provide ``"categorical-state"``.
+
+    On one-hot data with K = 3 classes at 5 positions: ``state_spec`` keeps the positions and
+    has at least K classes; ``encode`` gives one-hot states and ``decode`` undoes it exactly;
+    ``perturb`` (with (alpha, sigma) from ``alpha_sigma``) returns one-hot states, leaves x0
+    unchanged at the clean level ``level(inf)``, and the fraction of positions that keep their
+    class does not grow as lambda falls (-2 .. 2, within ``Z_SCORE`` binomial standard
+    errors of a difference); ``prior`` and ``initial_state`` return one-hot states. A chain
+    with ``posterior``: q(x_s | x_t, x0) is a distribution at every position (non-negative,
+    summing to 1 within R U M) and averages back to the marginal over x_t ~ q(x_t | x0) (the
+    law of total probability: its mean over 20000 draws matches the frequencies of
+    ``perturb`` at s within ``Z_SCORE`` standard errors of a difference of two means of
+    [0, 1] variables, Z sqrt(2) / (2 sqrt(n))), and at s = t it is the point mass at x_t, at
+    the clean level s the point mass at x0 (within R U M)."""
+    from .components import DataSpec
+
+    k, positions = _CATEGORICAL_SHAPE
+    state = chain.state_spec(DataSpec(shape=(k, positions)))
+    m = state.shape[0]
+    if tuple(state.shape[1:]) != (positions,) or m < k:
+        _fail(chain, f"state_spec of one-hot data of shape {(k, positions)} must keep the positions and >= {k} classes, got {tuple(state.shape)}")
+    n = 20000
+    x0 = _kit_one_hot(seed, 20, n, k, positions)
+    encoded = _is_tensor(chain.encode(x0), chain, "encode")
+    problem = _one_hot_problem(encoded, m)
+    if problem:
+        _fail(chain, f"encode of one-hot data must give one-hot states over {m} classes: {problem}")
+    decoded = _is_tensor(chain.decode(encoded), chain, "decode")
+    if decoded.shape != x0.shape or not torch.equal(decoded.to(x0.dtype), x0):
+        _fail(chain, "decode(encode(x0)) must give back the one-hot data x0")
+
+    def perturb_at(logsnr: float, draw: int) -> torch.Tensor:
+        alpha, sigma = chain.alpha_sigma(torch.full((n,), logsnr, dtype=torch.float64))
+        noise = rng.NoiseStream(seed, torch.arange(n), (m, positions), stream=_KIT_STREAM, dtype=torch.float64).normal(draw)
+        x_t = _is_tensor(chain.perturb(encoded, noise, alpha[:, None, None], sigma[:, None, None]), chain, "perturb")
+        problem = _one_hot_problem(x_t, m)
+        if problem:
+            _fail(chain, f"perturb at logsnr {logsnr:g} must return one-hot states: {problem}")
+        return x_t
+
+    clean = chain.level(math.inf)
+    if not clean.is_clean:
+        _fail(chain, f"level(inf) must be the clean level (sigma = 0), got {clean}")
+    if not torch.equal(perturb_at(math.inf, 21), encoded):
+        _fail(chain, "perturb at the clean level (logsnr = inf) must leave x0 unchanged")
+    kept = []
+    for draw, value in enumerate((2.0, 0.0, -2.0)):
+        kept.append((perturb_at(value, 22 + draw) * encoded).sum(1).mean().item())
+    tol = Z_SCORE * math.sqrt(2.0 * 0.25 / (n * positions))
+    if any(later > earlier + tol for earlier, later in zip(kept, kept[1:])):
+        _fail(chain, f"the fraction of positions that keep their class must not grow with noise; at logsnr 2, 0, -2 it is {kept}")
+    terminal = chain.level(-2.0)
+    source = _KitSource(seed, torch.arange(16), (m, positions), _KIT_STREAM)
+    for what, value in (("prior", lambda: chain.prior(terminal, source.sample(0))), ("initial_state", lambda: chain.initial_state(terminal, source))):
+        problem = _one_hot_problem(_is_tensor(value(), chain, what), m)
+        if problem:
+            _fail(chain, f"{what} must return one-hot states over {m} classes: {problem}")
+    if not hasattr(chain, "posterior"):
+        return
+    s, t = chain.level(1.0), chain.level(-1.0)
+    post = _is_tensor(chain.posterior(perturb_at(t.logsnr, 30), encoded, s, t), chain, "posterior")
+    if post.shape != encoded.shape or not bool((post >= 0).all()):
+        _fail(chain, f"posterior must give non-negative probabilities shaped like the state {tuple(encoded.shape)}")
+    worst = (post.sum(1) - 1).abs().max().item()
+    if worst > ROUNDINGS * U * m:
+        _fail(chain, f"posterior probabilities must sum to 1 at every position, off by {worst:.3g}")
+    mean_post, freq = post.mean(0), perturb_at(s.logsnr, 31).mean(0)
+    tol = Z_SCORE * math.sqrt(2.0) * 0.5 / math.sqrt(n)
+    if ((mean_post - freq).abs() > tol).any():
+        _fail(
+            chain,
+            "posterior does not average back to the marginal q(x_s | x0) over x_t ~ q(x_t | x0): largest gap "
+            f"{(mean_post - freq).abs().max().item():.3g} (allowed {tol:.3g})",
+        )
+    x_t = perturb_at(t.logsnr, 32)
+    for what, level, expected in (("s = t", t, x_t), ("the clean level s", clean, encoded)):
+        worst = (chain.posterior(x_t, encoded, level, t) - expected).abs().max().item()
+        if worst > ROUNDINGS * U * m:
+            _fail(chain, f"posterior at {what} must be the point mass at {'x_t' if level is t else 'x0'}, off by {worst:.3g}")
+
+
+def _check_categorical_parameterization(param: Parameterization, chain: Optional[Chain], logsnr_range: tuple[float, float], seed: int) -> None:
+    """The part of :func:`check_parameterization` for parameterizations that require
+    ``"categorical-state"`` (the network output is read as a distribution over the classes
+    on axis 1). At 61 levels in ``logsnr_range`` (alpha, sigma from ``chain.alpha_sigma``,
+    default alpha = sigmoid(lambda), sigma = sigmoid(-lambda)), for outputs 3 N(0, 1) over
+    M = 3 classes at 4 positions and one-hot x_t:
+
+    * ``to_x0`` gives float64 probabilities shaped like the output: non-negative, summing to 1
+      at every position within R U M;
+    * ``to_x0(from_x0(p)) == p`` for p = those probabilities and for one-hot p, within R U
+      (1 + max |log p|) (a log and an exp per element);
+    * ``input_scale`` is finite and positive.
+    """
+    if chain is not None and CATEGORICAL_STATE not in type(chain).provides:
+        raise ValueError(f"{_name(param)} requires '{CATEGORICAL_STATE}': check it with a chain that provides it, not {_name(chain)}")
+    lam = torch.linspace(logsnr_range[0], logsnr_range[1], 61, dtype=torch.float64)
+    alpha, sigma = chain.alpha_sigma(lam) if chain is not None else (torch.sigmoid(lam), torch.sigmoid(-lam))
+    n, m, positions = lam.numel(), 3, 4
+    a, s = noiselevel.append_dims(alpha, 3), noiselevel.append_dims(sigma, 3)
+    out = 3.0 * _kit_normal(seed, 40, n, (m, positions))
+    x_t = _kit_one_hot(seed, 41, n, m, positions)
+    probs = _is_tensor(param.to_x0(out, x_t, a, s), param, "to_x0")
+    if probs.shape != out.shape or probs.dtype != torch.float64 or not torch.isfinite(probs).all():
+        _fail(param, f"to_x0 must give finite float64 probabilities shaped like the output {tuple(out.shape)}, got {tuple(probs.shape)} {probs.dtype}")
+    worst = (probs.sum(1) - 1).abs().max().item()
+    if not bool((probs >= 0).all()) or worst > ROUNDINGS * U * m:
+        _fail(param, f"to_x0 must give a distribution over axis 1 at every position (sums off by {worst:.3g})")
+    for what, p in (("predicted probabilities", probs), ("one-hot x0", x_t)):
+        back = _is_tensor(param.to_x0(param.from_x0(p, x_t, a, s), x_t, a, s), param, "to_x0(from_x0)")
+        tol = ROUNDINGS * U * (1 + torch.log(p.clamp(min=_TINY)).abs().max().item())
+        if back.shape != p.shape or (back - p).abs().max().item() > tol:
+            _fail(param, f"to_x0(from_x0(p)) != p for {what}: off by {(back - p).abs().max().item():.3g} (allowed {tol:.3g})")
+    c_in = torch.as_tensor(param.input_scale(a, s), dtype=torch.float64)
+    if not (torch.isfinite(c_in).all() and (c_in > 0).all()):
+        _fail(param, "input_scale must be finite and > 0")
+
+
+def _check_categorical_sampler(sampler: Sampler, chain: Optional[Chain], logsnr_range: tuple[float, float], batch: int, seed: int, per_sample: bool) -> None:
+    """The part of :func:`check_sampler` for samplers that require ``"categorical-state"``.
+
+    The data are one point: one-hot over K = 3 classes at 5 positions. Its exact x0
+    prediction is that point at every x_t (the posterior of a point mass is the point mass),
+    so a correct categorical sampler that ends on the clean level returns exactly that point
+    for every sample, from any start. The levels are ``sampler.steps`` logSNRs evenly spaced
+    over ``logsnr_range`` and then the clean level, from ``chain.level``; the start is
+    ``chain.initial_state``. Checked: one-hot float64 results shaped like the start; every
+    sample equals the data point; ``denoise`` called with :class:`fundiff.Level` objects and
+    ``callback(i, x, x0)`` with state-shaped tensors; identical results on a second run with
+    the same streams; with ``per_sample``, sample i alone equals sample i in the batch.
+    """
+    from .components import DataSpec
+
+    if chain is None or CATEGORICAL_STATE not in type(chain).provides:
+        raise ValueError(f"{_name(sampler)} requires '{CATEGORICAL_STATE}': pass chain= a chain that provides it")
+    k, positions = _CATEGORICAL_SHAPE
+    m = chain.state_spec(DataSpec(shape=(k, positions))).shape[0]
+    point = chain.encode(torch.nn.functional.one_hot(torch.tensor([[0, 2, 1, 2, 0]]), k).movedim(-1, 1).to(torch.float64))
+    lams = torch.linspace(logsnr_range[0], logsnr_range[1], sampler.steps, dtype=torch.float64).tolist()
+    grid = [chain.level(v) for v in lams] + [chain.level(math.inf)]
+    seen_types: set[type] = set()
+
+    def denoise(x: torch.Tensor, level: Level) -> torch.Tensor:
+        seen_types.add(type(level))
+        return point.expand(x.shape[0], -1, -1)
+
+    def run(ids: torch.Tensor, callback=None) -> torch.Tensor:
+        start = chain.initial_state(grid[0], _KitSource(seed, ids, (m, positions), rng.STREAM_PRIOR))
+        return sampler.sample(denoise, start, grid, _KitSource(seed, ids, (m, positions), rng.STREAM_SAMPLER), callback)
+
+    ids = torch.arange(batch)
+    calls: list[tuple[int, tuple, tuple]] = []
+    out = _is_tensor(run(ids, lambda i, x, x0: calls.append((i, tuple(x.shape), tuple(x0.shape)))), sampler, "sample")
+    expected = (batch, m, positions)
+    if out.shape != expected or out.dtype != torch.float64:
+        _fail(sampler, f"sample must return the start's shape {expected} and dtype float64, got {tuple(out.shape)} {out.dtype}")
+    problem = _one_hot_problem(out, m)
+    if problem:
+        _fail(sampler, f"sample must return one-hot states: {problem}")
+    if seen_types != {Level}:
+        _fail(sampler, f"denoise must be called with fundiff.Level objects, got {seen_types or 'no calls'}")
+    if not calls or any(c[1] != expected or c[2] != expected for c in calls):
+        _fail(sampler, f"callback(i, x, x0) must be called with tensors of shape {expected}, got {calls[:1] or 'no calls'}")
+    wrong = (out != point).any(1).sum().item()
+    if wrong:
+        _fail(sampler, f"with the exact prediction of one-point data, {wrong} of {batch * positions} sampled positions differ from the point")
+    if not torch.equal(run(ids), out):
+        _fail(sampler, "not reproducible: two runs with the same random streams differ")
+    if per_sample:
+        sub = torch.tensor([batch - 1, 0, batch // 2])
+        if not torch.equal(run(sub), out[sub]):
+            _fail(sampler, f"sample i depends on its batch: ids {sub.tolist()} alone differ from the full batch")
 
 
 # --------------------------------------------------------------------------------------

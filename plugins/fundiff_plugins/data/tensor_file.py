@@ -25,8 +25,12 @@ class TensorFile(DataSet):
     path: str = attrs.field(metadata=doc("the .npz or .safetensors file (relative paths: to the working directory)"))
     key: str = attrs.field(default="x", metadata=doc("name of the array of examples"))
     labels_key: Optional[str] = attrs.field(default="labels", metadata=doc("name of the label array, if any"))
-    modality: Literal["auto", "points", "images"] = attrs.field(
-        default="auto", metadata=doc("how to draw samples; auto: images for (N, C, H, W), points otherwise")
+    modality: Literal["auto", "points", "images", "one-hot", "one-hot-images"] = attrs.field(
+        default="auto",
+        metadata=doc(
+            "how to draw samples; auto: images for (N, C, H, W), points otherwise; one-hot / one-hot-images: examples "
+            "one-hot over classes on their first axis, for categorical chains (pictures of the latter show class indices)"
+        ),
     )
 
     def check_recipe(self, components) -> list[str]:

@@ -43,6 +43,7 @@ import attrs
 import torch
 
 from fundiff import FundiffError, Level, Spacing, hookimpl, rng
+from fundiff.components import GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc
 
 from ._grid import check_steps
@@ -134,6 +135,9 @@ class PreparedOptimized(Spacing):
 @attrs.frozen(kw_only=True)
 class Optimized(Spacing):
     """K of N candidate levels chosen by DP to minimise the summed transported local DDIM error."""
+
+    # the cost table is measured with DDIM steps, x_t = alpha x0 + sigma eps
+    requires = frozenset({GAUSSIAN_MARGINALS})
 
     grid: int = attrs.field(default=100, validator=at_least(2), metadata=doc("N: candidates are the uniform spacing's N + 1 levels"))
     substeps: int = attrs.field(default=4, validator=at_least(1), metadata=doc("reference DDIM steps per candidate interval"))
