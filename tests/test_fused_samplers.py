@@ -266,3 +266,13 @@ def test_kernel_benchmark_refuses_without_cuda_and_its_smoke_run_works(capsys):
     assert "needs CUDA" in capsys.readouterr().err
     assert module.main(["--smoke", "--no-compile", "--only", "kernels"]) == 0
     assert "fused step disagrees" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, params", [("ddim", {"eta": 1.0}), ("unipc", {}), ("dpmpp-3m", {})])
+def test_conformance_kit_checks_fused_agreement(name, params):
+    """fundiff.testing.check_sampler_fused_agreement, the check plugin authors run on their
+    own samplers: converted samplers pass, and so does one that does not use the executor
+    (dpmpp-3m: plain torch arithmetic on either backend)."""
+    from fundiff.testing import check_sampler_fused_agreement
+
+    check_sampler_fused_agreement(REGISTRY.build("sampler", name, steps=STEPS, **params))

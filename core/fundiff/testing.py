@@ -72,6 +72,7 @@ __all__ = [
     "check_parameterization_agreement",
     "check_stateful_weighting",
     "check_sampler",
+    "check_sampler_fused_agreement",
     "check_schedule",
     "check_spacing",
     "check_weighting",
@@ -1707,3 +1708,68 @@ def check_fsdp(network: torch.nn.Module, *inputs: Any, rtol: float = 1e-5, atol:
         if made_group:
             dist.destroy_process_group()
             shutil.rmtree(store, ignore_errors=True)
+
+
+def check_sampler_fused_agreement(
+    sampler: Sampler,
+    chain: Optional[Chain] = None,
+    *,
+    logsnr_range: tuple[float, float] = (-8.0, 8.0),
+    batch: int = 5,
+    shape: Sequence[int] = (3, 5, 7),
+    seed: int = 0,
+    scale: float = 3.0,
+) -> None:
+    """Check that a sampler gives the same samples through the fused executor
+    (:mod:`fundiff.fused`, backend "triton") as through the reference (backend "torch").
+
+    The denoiser is exact for Gaussian data, guided like classifier-free guidance with weight
+    ``scale`` between two data means (the conditional and the unconditional branch), and
+    offers its combine to fused steps (``denoise.deferred``); the noise source is a
+    :class:`fundiff.NoiseStream` (in-kernel Philox on the fused path). The fused samples
+    must be no further from a float64 reference run than 3 times the float32 reference
+    run's error, plus 5e-6 per step for the in-kernel noise's float32 Box-Muller (see
+    docs/fused-steps.md). A sampler that does not use the executor passes trivially.
+
+    Needs a CUDA device, or ``TRITON_INTERPRET=1`` set before the first fused step of the
+    process (Triton's interpreter on CPU tensors); raises FundiffError otherwise.
+    """
+    from . import fused
+    from .errors import FundiffError
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not fused.interpreting():
+        raise FundiffError("check_sampler_fused_agreement needs CUDA or TRITON_INTERPRET=1 (set before the first fused step)")
+    chain = chain or _CoreVPChain()
+    steps = sampler.steps
+    lo, hi = logsnr_range
+    levels = [chain.level(lo + (hi - lo) * i / max(steps - 1, 1)) for i in range(steps)] + [chain.level(math.inf)]
+    ids = torch.arange(batch) + 1000 * seed
+    mean_c, mean_u, std = 0.6, -0.3, 0.5
+
+    def run(backend: str, dtype: torch.dtype) -> torch.Tensor:
+        x = rng.NoiseStream(seed, ids, shape, stream=rng.STREAM_PRIOR, device=device, dtype=dtype).normal(0)
+        noise = rng.NoiseStream(seed, ids, shape, stream=rng.STREAM_SAMPLER, device=device, dtype=dtype)
+
+        def branches(x_t: torch.Tensor, level: Level) -> tuple[torch.Tensor, torch.Tensor]:
+            return gaussian_posterior_mean(x_t, level, torch.tensor(mean_c, dtype=dtype, device=device), std), gaussian_posterior_mean(
+                x_t, level, torch.tensor(mean_u, dtype=dtype, device=device), std
+            )
+
+        def denoise(x_t: torch.Tensor, level: Level) -> torch.Tensor:
+            x0_c, x0_u = branches(x_t, level)
+            return torch.lerp(x0_u, x0_c, scale)
+
+        def deferred(x_t: torch.Tensor, level: Level) -> fused.Prediction:
+            return fused.Prediction(branches=branches(x_t, level), weights=(scale, 1.0 - scale))
+
+        denoise.deferred = deferred  # type: ignore[attr-defined]
+        with torch.no_grad(), fused.use_backend(backend):
+            return sampler.sample(denoise, x, levels, noise)
+
+    exact = run("torch", torch.float64)
+    err_reference = float((run("torch", torch.float32).double() - exact).abs().max())
+    err_fused = float((run("triton", torch.float32).double() - exact).abs().max())
+    bound = 3.0 * err_reference + 5e-6 * steps * max(1.0, max(level.sigma for level in levels))
+    if not err_fused <= bound:
+        _fail(sampler, f"the fused path's samples are {err_fused:.3g} from the float64 reference run, more than {bound:.3g} (3 times the float32 reference's {err_reference:.3g} plus the in-kernel noise allowance)")
