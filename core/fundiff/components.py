@@ -84,7 +84,9 @@ class DataSpec:
 
     shape: tuple[int, ...]  # shape of one example
     num_classes: int = 0  # 0: unlabelled
-    modality: str = "points"  # "points" (scatter plots) or "images" (C, H, W grids)
+    # "points" (scatter plots), "images" (C, H, W grids), or one-hot over classes on axis 0 of
+    # an example: "one-hot" (no picture) and "one-hot-images" (K, H, W; pictures show the class index)
+    modality: str = "points"
 
     @property
     def numel(self) -> int:
