@@ -18,6 +18,12 @@ from hypothesis import settings
 
 import torch
 
+# Without CUDA, Triton kernels run under its interpreter. The variable is read when triton
+# modules import (and when @triton.jit decorates), and libraries imported by other tests
+# (diffusers, through torch) may import triton first: so it is set here, for the session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import fundiff
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
