@@ -27,6 +27,10 @@ def lam(level: Level) -> float:
 level_between = noiselevel.level_between
 
 
+_SERIES_TERMS = 20
+_INVERSE_FACTORIALS = tuple(1.0 / math.factorial(n) for n in range(_SERIES_TERMS + 44))  # k up to 44
+
+
 def phi(k: int, z: float) -> float:
     """phi_k(z) = sum_j z^j / (j + k)!  (phi_0 = e^z, phi_{k+1}(z) = (phi_k(z) - 1/k!) / z).
 
@@ -37,13 +41,13 @@ def phi(k: int, z: float) -> float:
     if z == -math.inf:  # the limit of a step onto the clean level: every phi_k(-inf) = 0
         return 0.0
     if abs(z) < 1.0:
-        total, term, j = 0.0, 1.0 / math.factorial(k), 0
-        while True:
-            total += term
-            j += 1
-            term *= z / (j + k)
-            if abs(term) <= 1e-18 * abs(total):
-                return total
+        # Horner on the first _SERIES_TERMS terms: the rest is below sum_{j >= 20} 1/(j + k)!
+        # < 1e-18, while phi_k(z) > phi_k(-1) >= e^-1 / k!, so it is below 1e-17 relative
+        coefficients = _INVERSE_FACTORIALS[k : k + _SERIES_TERMS]
+        total = 0.0
+        for c in reversed(coefficients):
+            total = total * z + c
+        return total
     value = math.expm1(z) / z  # phi_1
     for j in range(1, k):
         value = (value - 1.0 / math.factorial(j)) / z
@@ -63,6 +67,10 @@ def lincomb(terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
 def solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
     """Solve a small dense linear system on the host (Gaussian elimination, partial pivoting)."""
     n = len(rhs)
+    if n == 2:  # the common case (second-order multistep corrections): Cramer's rule
+        (p, q), (r, t) = matrix
+        det = p * t - q * r
+        return [(rhs[0] * t - q * rhs[1]) / det, (p * rhs[1] - r * rhs[0]) / det]
     a = [list(row) + [b] for row, b in zip(matrix, rhs)]
     for col in range(n):
         pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
