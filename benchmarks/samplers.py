@@ -755,11 +755,16 @@ def overhead(registry: fundiff.Registry, report: Report, cfg: argparse.Namespace
         return x
 
     variants = []
+    provided = set().union(*(type(c).provides for c in (chain, schedule, noise_type)))
     for name in registry.names("sampler"):
         try:
             sampler = registry.build("sampler", name)
         except Exception as exc:  # noqa: BLE001
             report.note(f"skipped sampler '{name}': failed to build ({type(exc).__name__}: {exc})")
+            continue
+        missing = set(type(sampler).requires) - provided
+        if missing:  # samplers of other chains' states (categorical, manifold, coupled)
+            report.note(f"skipped sampler '{name}': needs {', '.join(sorted(missing))}, which this Gaussian setup does not provide")
             continue
         sampler = attrs.evolve(sampler, steps=cfg.overhead_steps)
         variants.append((name, sampler))
