@@ -1392,52 +1392,6 @@ def _kit_uniform_shaped(seed: int, draw: int, n: int, shape: Sequence[int]) -> t
     return rng.uniform(seed, _KIT_STREAM, draw, torch.arange(n), tuple(shape))
 
 
-def _check_state_sampler(sampler: Sampler, chain: Chain, logsnr_range: tuple[float, float], batch: int, seed: int, per_sample: bool) -> None:
-    """The part of :func:`check_sampler` for chains whose state is neither Gaussian nor
-    categorical: the contract without an accuracy band (what ``denoise`` means there is the
-    chain's, so an exact denoiser is the chain's own tests' business).
-
-    The grid is ``sampler.steps`` logSNRs evenly spaced over ``logsnr_range`` and the clean
-    level, from ``chain.level``; the start is ``chain.initial_state`` on the state of (4,)
-    data (``chain.state_spec``) and ``denoise`` returns the encoded data point 0. Checked:
-    finite float64 results shaped like the start; ``denoise`` called with
-    :class:`fundiff.Level` objects and ``callback(i, x, x0)`` with state-shaped tensors;
-    identical results on a second run with the same streams; with ``per_sample``, sample i
-    alone equals sample i in the batch (to R U).
-    """
-    shape = tuple(chain.state_spec(DataSpec(shape=(4,))).shape)
-    point = chain.encode(torch.zeros(1, 4, dtype=torch.float64))
-    lams = torch.linspace(logsnr_range[0], logsnr_range[1], sampler.steps, dtype=torch.float64).tolist()
-    grid = [chain.level(v) for v in lams] + [chain.level(math.inf)]
-    seen_types: set[type] = set()
-
-    def denoise(x: torch.Tensor, level: Level) -> torch.Tensor:
-        seen_types.add(type(level))
-        return point.expand(x.shape[0], *shape)
-
-    def run(ids: torch.Tensor, callback=None) -> torch.Tensor:
-        start = chain.initial_state(grid[0], _KitSource(seed, ids, shape, rng.STREAM_PRIOR))
-        return sampler.sample(denoise, start, grid, _KitSource(seed, ids, shape, rng.STREAM_SAMPLER), callback)
-
-    ids = torch.arange(batch)
-    calls: list[tuple[int, tuple, tuple]] = []
-    out = _is_tensor(run(ids, lambda i, x, x0: calls.append((i, tuple(x.shape), tuple(x0.shape)))), sampler, "sample")
-    expected = (batch, *shape)
-    if out.shape != expected or out.dtype != torch.float64 or not torch.isfinite(out).all():
-        _fail(sampler, f"sample must return finite float64 values of the start's shape {expected}, got {out.dtype} {tuple(out.shape)}")
-    if seen_types != {Level}:
-        _fail(sampler, f"denoise must be called with fundiff.Level objects, got {seen_types or 'no calls'}")
-    if not calls or any(c[1] != expected or c[2] != expected for c in calls):
-        _fail(sampler, f"callback(i, x, x0) must be called with tensors of shape {expected}, got {calls[:1] or 'no calls'}")
-    if not torch.equal(run(ids), out):
-        _fail(sampler, "not reproducible: two runs with the same random streams differ")
-    if per_sample:
-        sub = torch.tensor([batch - 1, 0, batch // 2])
-        tol = ROUNDINGS * U * (1 + out.abs().max().item())
-        if (run(sub) - out[sub]).abs().max().item() > tol:
-            _fail(sampler, f"sample i depends on its batch: ids {sub.tolist()} alone differ from the full batch")
-
-
 def _check_categorical_chain(chain: Chain, seed: int) -> None:
     """The part of :func:`check_chain` for chains that provide ``"categorical-state"``.
 
