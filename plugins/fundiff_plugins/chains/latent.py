@@ -22,12 +22,12 @@ from typing import Any
 
 import attrs
 import torch
-from torch import nn
 
 from fundiff import BuildContext, Chain, DataSpec, Level, hookimpl
 from fundiff.components import CORRUPTION_OPERATOR, GAUSSIAN_MARGINALS
 from fundiff.config import doc
 from fundiff.errors import FundiffError
+from fundiff_plugins.chains._wrapping import WrappingChainModule
 from fundiff_plugins.chains.vp import VariancePreserving
 from fundiff_plugins.denoisers._autoencoder import Autoencoder
 from fundiff_plugins.denoisers.mlp_autoencoder import MLPAutoencoder
@@ -142,42 +142,18 @@ class Latent(Chain):
         raise FundiffError("chain 'latent' decodes with its trained autoencoder: use the pipeline's chain (chain.build_module)")
 
 
-class LatentModule(nn.Module, Chain):
+class LatentModule(WrappingChainModule):
     """The latent chain with its autoencoder (a module; the pipeline uses it as the chain)."""
 
-    provides = frozenset({GAUSSIAN_MARGINALS})
-
     def __init__(self, config: Latent, spec: DataSpec):
-        nn.Module.__init__(self)
-        self.config = config
-        self.spec = spec
+        super().__init__(config, spec)
         self.code_spec = config.autoencoder.code_spec(spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.autoencoder.seed)  # initial weights depend on the autoencoder's seed alone
             self.autoencoder = config.autoencoder.build(BuildContext(spec=spec, components={}))
         self.autoencoder.requires_grad_(False)  # frozen outside fit: the denoiser's optimizer never sees it
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self.register_buffer("code_scale", torch.ones((), dtype=torch.float64))
         self.losses: list[float] = []  # the autoencoder's training losses of the last fit (not saved)
-
-    # the recipe component's math, unchanged
-    def alpha_sigma(self, logsnr):
-        return self.config.alpha_sigma(logsnr)
-
-    def level(self, logsnr: float) -> Level:
-        return self.config.inner.level(logsnr)
-
-    def perturb(self, x0, noise, alpha, sigma):
-        return self.config.perturb(x0, noise, alpha, sigma)
-
-    def prior(self, level, noise):
-        return self.config.prior(level, noise)
-
-    def dlog_alpha_dlogsnr(self, logsnr: float) -> float:
-        return self.config.dlog_alpha_dlogsnr(logsnr)
-
-    def check_recipe(self, components) -> list[str]:
-        return self.config.check_recipe(components)
 
     def state_spec(self, spec: DataSpec) -> DataSpec:
         return self.code_spec

@@ -28,6 +28,7 @@ from fundiff.components import GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc, greater_than, in_range
 from fundiff.errors import FundiffError
 from fundiff_plugins.chains._generators import MixtureGenerator, VAEGenerator, probit
+from fundiff_plugins.chains._wrapping import WrappingChainModule
 from fundiff_plugins.chains.vp import VariancePreserving
 
 #: Philox stream ids of the generator's fit (third-party range, see fundiff.rng):
@@ -210,39 +211,15 @@ class Truncated(Chain):
         )
 
 
-class TruncatedModule(nn.Module, Chain):
+class TruncatedModule(WrappingChainModule):
     """The truncated chain with its generator (a module; the pipeline uses it as the chain)."""
 
-    provides = frozenset({GAUSSIAN_MARGINALS})
-
     def __init__(self, config: Truncated, spec: DataSpec):
-        nn.Module.__init__(self)
-        self.config = config
-        self.spec = spec
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        super().__init__(config, spec)
         if config.generator == "gmm":
             self.generator: nn.Module = MixtureGenerator(config.components, spec.numel, config.covariance_for(spec))
         else:
             self.generator = VAEGenerator(spec.numel, config.vae_latent_dim, config.vae_width, config.seed)
-
-    # the recipe component's math, unchanged
-    def alpha_sigma(self, logsnr):
-        return self.config.alpha_sigma(logsnr)
-
-    def level(self, logsnr: float) -> Level:
-        return self.config.inner.level(logsnr)
-
-    def perturb(self, x0, noise, alpha, sigma):
-        return self.config.perturb(x0, noise, alpha, sigma)
-
-    def prior(self, level, noise):
-        return self.config.prior(level, noise)
-
-    def dlog_alpha_dlogsnr(self, logsnr: float) -> float:
-        return self.config.dlog_alpha_dlogsnr(logsnr)
-
-    def check_recipe(self, components) -> list[str]:
-        return self.config.check_recipe(components)
 
     def training_logsnr(self, logsnr, schedule=None):
         return self.config.training_logsnr(logsnr, schedule)
