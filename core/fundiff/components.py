@@ -370,12 +370,15 @@ class Chain(Component):
     def dlog_alpha_dlogsnr(self, logsnr: float) -> float:
         """d log(alpha) / d lambda at one level, by autograd through ``alpha_sigma`` in float64
         (chains override this with a closed form)."""
-        lam = torch.tensor(float(logsnr), dtype=torch.float64, requires_grad=True)
-        alpha, _ = self.alpha_sigma(lam)
-        log_alpha = torch.log(alpha)
-        if not log_alpha.requires_grad:  # alpha does not depend on lambda (e.g. alpha = 1)
-            return 0.0
-        (grad,) = torch.autograd.grad(log_alpha, lam)
+        # samplers call this under torch.no_grad / inference_mode (Pipeline.sample), where no
+        # graph would be recorded and the derivative would silently read as 0: record one here
+        with torch.inference_mode(False), torch.enable_grad():
+            lam = torch.tensor(float(logsnr), dtype=torch.float64, requires_grad=True)
+            alpha, _ = self.alpha_sigma(lam)
+            log_alpha = torch.log(alpha)
+            if not log_alpha.requires_grad:  # alpha does not depend on lambda (e.g. alpha = 1)
+                return 0.0
+            (grad,) = torch.autograd.grad(log_alpha, lam)
         return float(grad)
 
     def forward_sde(self, level: Level) -> tuple[float, float]:
