@@ -66,7 +66,7 @@ def median_distance(a, b) -> float:
 
 
 @pytest.mark.parametrize(
-    "params", [{}, {"noise": "brownian"}, {"signs": "zero", "noise": "brownian"}], ids=["fresh", "brownian", "zero-signs"]
+    "params", [{}, {"noise": "brownian"}, {"signs": "random", "noise": "brownian"}], ids=["fresh", "brownian", "random-signs"]
 )
 def test_conformance(registry, params):
     """fundiff.testing.check_sampler: shapes, dtype, reproducibility, sample i independent of
@@ -96,14 +96,14 @@ def test_one_step_is_roberts_scheme(registry, chain):
     f = d log alpha / dtau, g^2 = sigma^2 in tau = -lambda; VP: f = -sigma^2 / 2, VE: f = 0),
     independent of Chain.reverse_sde: K1 = h a(t, x) + (dW - S sqrt h) b(t), K2 = h a(s, x +
     K1) + (dW + S sqrt h) b(s), x_s = x + (K1 + K2) / 2, with dW = sqrt(h) z and S = +1 where
-    u < 1/2. A sign error in the reverse time, or S and dW swapped, moves the result by ~h;
+    u < 1/2 (signs: random, so that S is exercised). A sign error in the reverse time, or S and dW swapped, moves the result by ~h;
     agreement to 1e-12 (a few roundings of O(10) operands)."""
     denoise, levels, start, _ = oracle(registry, chain=chain, steps=10)
     t, s = levels[4], levels[5]
     x = start(torch.arange(100))
     z = torch.linspace(-2, 2, 200, dtype=torch.float64).reshape(100, 2)
     u = torch.rand(100, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    out = registry.build("sampler", NAME).sample(denoise, x, [t, s], FixedDraws(z, u))
+    out = registry.build("sampler", NAME, signs="random").sample(denoise, x, [t, s], FixedDraws(z, u))
 
     def a(level, y):
         f = -0.5 * level.sigma**2 if chain == "vp" else 0.0
@@ -167,7 +167,7 @@ def test_strong_error_falls_with_the_step_and_beats_euler_maruyama(registry, rin
       0.047 / 0.019 against 0.21 / 0.10 / 0.050; asserted under 0.7 times) and, at equal
       evaluations (n steps against euler-maruyama's 2n: 0.10 / 0.050 / 0.025), are not worse
       (asserted under 1.1 times; measured 0.78-0.95 times);
-    * random signs (Roberts' Ito form, the default) carry an extra O(h^(3/2)) term per step
+    * random signs (Roberts' Ito form; zero is the default) carry an extra O(h^(3/2)) term per step
       independent of the path (module doc): measured 2.8 times the zero-sign error (0.28 /
       0.13 / 0.055), i.e. 1.1-1.3 times euler-maruyama's at equal steps -- not better than it
       on this SDE; asserted between 1.5 and 4 times the zero-sign error."""
