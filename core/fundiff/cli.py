@@ -756,3 +756,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("fundiff: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # only a command that used torch can hold a process group
+            from . import distributed
+
+            distributed.shutdown()

@@ -85,6 +85,15 @@ def gather(value: torch.Tensor, w: World) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def shutdown() -> None:
+    """Destroy the process group if this process initialised one (end of a torchrun command).
+
+    Left to interpreter exit, gloo's worker threads are torn down in no particular order and a
+    rank can abort ("terminate called without an active exception") after its work is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier(w: World) -> None:
     if w.active:
         dist.barrier()
