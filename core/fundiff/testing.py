@@ -982,6 +982,19 @@ def check_sampler(
             )
 
 
+def _check_repeatable(sampler: Sampler, run: Callable[..., torch.Tensor], ids: torch.Tensor, out: torch.Tensor, per_sample: bool, tol: float) -> None:
+    """Shared by the state, manifold and categorical sampler checks: ``run(ids)`` again gives
+    ``out`` exactly, and with ``per_sample`` samples drawn alone (last, first, middle) equal
+    their rows of the batch to ``tol``."""
+    if not torch.equal(run(ids), out):
+        _fail(sampler, "not reproducible: two runs with the same random streams differ")
+    if per_sample:
+        batch = ids.numel()
+        sub = torch.tensor([batch - 1, 0, batch // 2])
+        if (run(sub) - out[sub]).abs().max().item() > tol:
+            _fail(sampler, f"sample i depends on its batch: ids {sub.tolist()} alone differ from the full batch")
+
+
 def _check_state_sampler(sampler: Sampler, chain: Chain, logsnr_range: tuple[float, float], batch: int, seed: int, per_sample: bool) -> None:
     """The part of :func:`check_sampler` for chains whose state is neither Gaussian nor
     categorical: the contract without an accuracy band (what ``denoise`` means there is the
@@ -1019,13 +1032,7 @@ def _check_state_sampler(sampler: Sampler, chain: Chain, logsnr_range: tuple[flo
         _fail(sampler, f"denoise must be called with fundiff.Level objects, got {seen_types or 'no calls'}")
     if not calls or any(c[1] != expected or c[2] != expected for c in calls):
         _fail(sampler, f"callback(i, x, x0) must be called with tensors of shape {expected}, got {calls[:1] or 'no calls'}")
-    if not torch.equal(run(ids), out):
-        _fail(sampler, "not reproducible: two runs with the same random streams differ")
-    if per_sample:
-        sub = torch.tensor([batch - 1, 0, batch // 2])
-        tol = ROUNDINGS * U * (1 + out.abs().max().item())
-        if (run(sub) - out[sub]).abs().max().item() > tol:
-            _fail(sampler, f"sample i depends on its batch: ids {sub.tolist()} alone differ from the full batch")
+    _check_repeatable(sampler, run, ids, out, per_sample, tol=ROUNDINGS * U * (1 + out.abs().max().item()))
 
 
 class _KitSource:
@@ -1202,13 +1209,7 @@ def _check_manifold_sampler(sampler: Sampler, chain: Optional[Chain], batch: int
     problem = _manifold_problem(chain, out, ROUNDINGS * U * (1.0 + out.abs().max().item()))
     if problem:
         _fail(sampler, f"the samples must lie on the manifold: {problem}")
-    if not torch.equal(run(ids), out):
-        _fail(sampler, "not reproducible: two runs with the same random streams differ")
-    if per_sample:
-        sub = torch.tensor([batch - 1, 0, batch // 2])
-        tol = ROUNDINGS * U * (1 + out.abs().max().item())
-        if (run(sub) - out[sub]).abs().max().item() > tol:
-            _fail(sampler, f"sample i depends on its batch: ids {sub.tolist()} alone differ from the full batch")
+    _check_repeatable(sampler, run, ids, out, per_sample, tol=ROUNDINGS * U * (1 + out.abs().max().item()))
     mean_distance = chain.distance(out, point.expand_as(out)).mean().item()
     if not mean_distance < 0.1:
         _fail(sampler, f"with the exact score of data at one point m, the samples are {mean_distance:.3g} from m on average (sanity band: < 0.1)")
@@ -1559,12 +1560,7 @@ def _check_categorical_sampler(sampler: Sampler, chain: Optional[Chain], logsnr_
     wrong = (out != point).any(1).sum().item()
     if wrong:
         _fail(sampler, f"with the exact prediction of one-point data, {wrong} of {batch * positions} sampled positions differ from the point")
-    if not torch.equal(run(ids), out):
-        _fail(sampler, "not reproducible: two runs with the same random streams differ")
-    if per_sample:
-        sub = torch.tensor([batch - 1, 0, batch // 2])
-        if not torch.equal(run(sub), out[sub]):
-            _fail(sampler, f"sample i depends on its batch: ids {sub.tolist()} alone differ from the full batch")
+    _check_repeatable(sampler, run, ids, out, per_sample, tol=0.0)  # categorical draws: exactly equal
 
 
 # --------------------------------------------------------------------------------------
