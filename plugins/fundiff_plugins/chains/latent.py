@@ -23,11 +23,11 @@ from typing import Any
 import attrs
 import torch
 
-from fundiff import BuildContext, Chain, DataSpec, Level, hookimpl
+from fundiff import BuildContext, Chain, DataSpec, hookimpl
 from fundiff.components import CORRUPTION_OPERATOR, GAUSSIAN_MARGINALS
 from fundiff.config import doc
 from fundiff.errors import FundiffError
-from fundiff_plugins.chains._wrapping import WrappingChainModule
+from fundiff_plugins.chains._wrapping import InnerChainMath, WrappingChainModule
 from fundiff_plugins.chains.vp import VariancePreserving
 from fundiff_plugins.denoisers._autoencoder import Autoencoder
 from fundiff_plugins.denoisers.mlp_autoencoder import MLPAutoencoder
@@ -53,7 +53,7 @@ class _CodeData:
 
 
 @attrs.frozen(kw_only=True)
-class Latent(Chain):
+class Latent(InnerChainMath):
     """An inner Gaussian chain on autoencoder codes: the autoencoder trains first, sampling decodes."""
 
     provides = frozenset({GAUSSIAN_MARGINALS})
@@ -111,23 +111,6 @@ class Latent(Chain):
                 if message not in on_data:
                     problems.append(f"chain 'latent' gives the {kind} codes of shape ({shape}) instead of the data: {message}")
         return problems
-
-    # ---------------------------------------------------------------- the inner chain's math
-
-    def alpha_sigma(self, logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inner.alpha_sigma(logsnr)
-
-    def level(self, logsnr: float) -> Level:
-        return self.inner.level(logsnr)
-
-    def perturb(self, x0, noise, alpha, sigma):
-        return self.inner.perturb(x0, noise, alpha, sigma)
-
-    def prior(self, level: Level, noise: torch.Tensor) -> torch.Tensor:
-        return self.inner.prior(level, noise)
-
-    def dlog_alpha_dlogsnr(self, logsnr: float) -> float:
-        return self.inner.dlog_alpha_dlogsnr(logsnr)
 
     def state_spec(self, spec: DataSpec) -> DataSpec:
         return self.autoencoder.code_spec(spec)

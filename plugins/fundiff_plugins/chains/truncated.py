@@ -28,7 +28,7 @@ from fundiff.components import GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc, greater_than, in_range
 from fundiff.errors import FundiffError
 from fundiff_plugins.chains._generators import MixtureGenerator, VAEGenerator, probit
-from fundiff_plugins.chains._wrapping import WrappingChainModule
+from fundiff_plugins.chains._wrapping import InnerChainMath, WrappingChainModule
 from fundiff_plugins.chains.vp import VariancePreserving
 
 #: Philox stream ids of the generator's fit (third-party range, see fundiff.rng):
@@ -62,7 +62,7 @@ def _normals_from(source, first_draw: int):
 
 
 @attrs.frozen(kw_only=True)
-class Truncated(Chain):
+class Truncated(InnerChainMath):
     """An inner Gaussian chain cut at logSNR ``truncate_logsnr``; a fitted generator (EM
     Gaussian mixture or VAE) models the marginal there and starts every sampling run."""
 
@@ -160,24 +160,6 @@ class Truncated(Chain):
         if self.covariance != "auto":
             return self.covariance
         return "full" if spec.numel <= _AUTO_FULL_MAX_DIM else "diagonal"
-
-    # ---------------------------------------------------------------- Gaussian marginals (the inner chain's)
-
-    def alpha_sigma(self, logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inner.alpha_sigma(logsnr)
-
-    def level(self, logsnr: float) -> Level:
-        return self.inner.level(logsnr)
-
-    def perturb(self, x0, noise, alpha, sigma):
-        return self.inner.perturb(x0, noise, alpha, sigma)
-
-    def prior(self, level: Level, noise: torch.Tensor) -> torch.Tensor:
-        # the inner chain's prior; sampling starts from the generator instead (initial_state)
-        return self.inner.prior(level, noise)
-
-    def dlog_alpha_dlogsnr(self, logsnr: float) -> float:
-        return self.inner.dlog_alpha_dlogsnr(logsnr)
 
     # ---------------------------------------------------------------- the cut
 
