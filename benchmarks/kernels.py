@@ -50,46 +50,10 @@ from collections.abc import Callable
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared _report module beside this script
+from _report import Report  # noqa: E402
+
 MIB = 1 << 20
-
-
-class Report:
-    """Sections printed as they come, and rendered as markdown for --out."""
-
-    def __init__(self) -> None:
-        self.blocks: list[tuple[str, object]] = []
-
-    def heading(self, text: str) -> None:
-        self.blocks.append(("heading", text))
-        print(f"\n== {text} ==", flush=True)
-
-    def note(self, text: str) -> None:
-        self.blocks.append(("note", text))
-        print(text, flush=True)
-
-    def table(self, header: list[str], rows: list[list[str]]) -> None:
-        self.blocks.append(("table", (header, rows)))
-        widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-        for i, row in enumerate([header, *rows]):
-            print("  ".join(str(c).rjust(w) if j else str(c).ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
-            if i == 0:
-                print("  ".join("-" * w for w in widths))
-        sys.stdout.flush()
-
-    def markdown(self, preamble: str) -> str:
-        out = [preamble.rstrip(), ""]
-        for kind, payload in self.blocks:
-            if kind == "heading":
-                out += [f"### {payload}", ""]
-            elif kind == "note":
-                out += [str(payload), ""]
-            else:
-                header, rows = payload
-                out.append("| " + " | ".join(header) + " |")
-                out.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
-                out += ["| " + " | ".join(row) + " |" for row in rows]
-                out.append("")
-        return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------------------

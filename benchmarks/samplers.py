@@ -65,6 +65,9 @@ from fundiff import pipeline as fundiff_pipeline
 from fundiff import rng
 from fundiff.pipeline import make_denoise, noise_levels
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared _report module beside this script
+from _report import Report  # noqa: E402
+
 NFES = (5, 10, 20, 50)
 PRIOR_SEED = 0  # seed of the initial noise and of stochastic samplers' fresh noise
 EXACT_SEED = 1000  # exact draws the samples are compared with
@@ -87,53 +90,6 @@ SCHEDULES = ("cosine", "linear")
 # --------------------------------------------------------------------------------------
 # Output: plain-text and markdown tables
 # --------------------------------------------------------------------------------------
-
-
-class Report:
-    """Collects sections; prints them as plain text as they come and renders markdown."""
-
-    def __init__(self) -> None:
-        self.blocks: list[tuple[str, Any]] = []
-
-    def heading(self, text: str) -> None:
-        self.blocks.append(("heading", text))
-        print(f"\n== {text} ==", flush=True)
-
-    def note(self, text: str) -> None:
-        self.blocks.append(("note", text))
-        print(text, flush=True)
-
-    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]], title: str = "") -> None:
-        self.blocks.append(("table", (title, list(header), [list(r) for r in rows])))
-        if title:
-            print(f"\n{title}")
-        print(format_text_table(header, rows), flush=True)
-
-    def markdown(self, preamble: str) -> str:
-        out = [preamble.rstrip(), ""]
-        for kind, payload in self.blocks:
-            if kind == "heading":
-                out += [f"### {payload}", ""]
-            elif kind == "note":
-                out += [payload, ""]
-            else:
-                title, header, rows = payload
-                if title:
-                    out += [f"**{title}**", ""]
-                out.append("| " + " | ".join(header) + " |")
-                out.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
-                out += ["| " + " | ".join(row) + " |" for row in rows]
-                out.append("")
-        return "\n".join(out) + "\n"
-
-
-def format_text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(  # noqa: E731
-        str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-    )
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), sep] + [line(r) for r in rows])
 
 
 def fmt(value: Optional[float], digits: int = 3) -> str:

@@ -29,7 +29,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import shlex
 import statistics
