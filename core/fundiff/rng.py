@@ -24,6 +24,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import _native
+
 STREAM_PRIOR = 1  # the initial state of a sampler
 STREAM_SAMPLER = 2  # fresh noise inside sampler steps, draw index = step (and sub-step)
 STREAM_TRAIN_NOISE = 3  # perturbation noise during training, draw index = optimizer step
@@ -96,13 +98,15 @@ def _check_seed(seed: int) -> int:
     return seed
 
 
-def _raw_bits(seed: int, stream: int, draw: int, sample_ids: torch.Tensor, n_per_sample: int):
-    """Four uint32 words per counter: returns (B, 4 * blocks) int64 tensor of random bits.
+def _counter_words(seed: int, stream: int, draw: int) -> tuple[int, int, int, int]:
+    """(key0, key1, counter1, counter3 before the sample id's high bits are xor-ed in): the
+    Philox key and the counter words that one (seed, stream, draw) fixes."""
+    return seed & _MASK32, (seed >> 32) & _MASK32, draw & _MASK32, ((stream & 0xFFFF) << 16) ^ ((draw >> 32) & 0xFFFF)
 
-    Counter words: c0 = element block, c1 = draw, c2 = low 32 bits of the sample id,
-    c3 = stream (high 16 bits) | high 16 bits of the sample id. Each field must fit its bits,
-    or two different (stream, draw, sample) triples would share a counter.
-    """
+
+def _validate(stream: int, draw: int, sample_ids: torch.Tensor) -> None:
+    """Each counter field must fit its bits, or two different (stream, draw, sample) triples
+    would share a counter."""
     if not 0 <= stream < 2**16:
         raise ValueError(f"stream must be in [0, 65535], got {stream!r}")
     if not 0 <= draw < 2**32:
@@ -111,16 +115,46 @@ def _raw_bits(seed: int, stream: int, draw: int, sample_ids: torch.Tensor, n_per
         raise ValueError(
             f"sample ids must be in [0, 2^48), got values in [{int(sample_ids.min())}, {int(sample_ids.max())}]"
         )
+
+
+def _raw_bits_numpy(seed: int, stream: int, draw: int, sample_ids: torch.Tensor, n_per_sample: int) -> np.ndarray:
+    """Four uint32 words per counter, in NumPy: a (B, 4 * blocks) uint64 array of random bits.
+
+    Counter words: c0 = element block, c1 = draw, c2 = low 32 bits of the sample id,
+    c3 = stream (high 16 bits) | high 16 bits of the sample id. The reference for the
+    compiled generator (fundiff/_philox.c), which gives the same words.
+    """
     blocks = max(1, math.ceil(n_per_sample / 4))
     batch = sample_ids.numel()
+    k0, k1, ctr1, ctr3 = _counter_words(seed, stream, draw)
     ids = sample_ids.numpy().astype(np.uint64).reshape(batch, 1)
     c0 = np.broadcast_to(np.arange(blocks, dtype=np.uint64), (batch, blocks))
-    c1 = np.uint64(draw & _MASK32)
     c2 = ids & np.uint64(_MASK32)
-    c3 = np.uint64(((stream & 0xFFFF) << 16) ^ ((draw >> 32) & 0xFFFF)) ^ (ids >> np.uint64(32))
-    words = _philox_rounds(c0, c1, c2, c3, seed & _MASK32, (seed >> 32) & _MASK32)
+    c3 = np.uint64(ctr3) ^ (ids >> np.uint64(32))
+    words = _philox_rounds(c0, np.uint64(ctr1), c2, c3, k0, k1)
     words = np.broadcast_arrays(*words)
     return np.stack(words, axis=-1).reshape(batch, blocks * 4)
+
+
+def _raw_bits(seed: int, stream: int, draw: int, sample_ids: torch.Tensor, n_per_sample: int) -> torch.Tensor:
+    """The first ``n_per_sample`` Philox words of each sample: (B, n) int64 tensor of uint32 values."""
+    _validate(stream, draw, sample_ids)
+    words = _native.words(seed, stream, draw, sample_ids, n_per_sample)
+    if words is None:
+        words = torch.from_numpy(_raw_bits_numpy(seed, stream, draw, sample_ids, n_per_sample)[:, :n_per_sample].astype(np.int64))
+    return words
+
+
+def _normal_numpy(seed: int, stream: int, draw: int, sample_ids: torch.Tensor, n: int) -> np.ndarray:
+    """(B, n) float64 Box-Muller normals in NumPy: pair p of a sample takes words 2p (radius,
+    r = sqrt(-2 ln u)) and 2p + 1 (angle, 2 pi u), u = (word + 1/2) 2^-32."""
+    pairs = max(1, math.ceil(n / 2))
+    u = _uniform_from_bits(_raw_bits_numpy(seed, stream, draw, sample_ids, 2 * pairs)[:, : 2 * pairs])
+    u1, u2 = u[:, 0::2], u[:, 1::2]
+    radius = np.sqrt(-2.0 * np.log(u1))
+    angle = (2.0 * math.pi) * u2
+    z = np.stack((radius * np.cos(angle), radius * np.sin(angle)), axis=-1).reshape(sample_ids.numel(), 2 * pairs)
+    return np.ascontiguousarray(z[:, :n])
 
 
 def uniform(
@@ -129,29 +163,42 @@ def uniform(
     """Uniforms on (0, 1), float64 on the CPU, shape ``(len(sample_ids), *shape)``."""
     _check_seed(seed)
     sample_ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1)
+    _validate(stream, draw, sample_ids)
     n = math.prod(shape)
-    bits = _raw_bits(seed, stream, draw, sample_ids, n)[:, :n]
-    return torch.from_numpy(_uniform_from_bits(bits).reshape(sample_ids.numel(), *shape))
+    u = _native.uniform(seed, stream, draw, sample_ids, n)
+    if u is None:
+        u = torch.from_numpy(_uniform_from_bits(_raw_bits_numpy(seed, stream, draw, sample_ids, n)[:, :n]))
+    return u.reshape(sample_ids.numel(), *shape)
 
 
 def normal(
-    seed: int, stream: int, draw: int, sample_ids: torch.Tensor | Sequence[int], shape: Sequence[int] = ()
+    seed: int,
+    stream: int,
+    draw: int,
+    sample_ids: torch.Tensor | Sequence[int],
+    shape: Sequence[int] = (),
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Standard normals (Box-Muller on Philox uniforms), float64 on the CPU.
+    """Standard normals (Box-Muller on Philox uniforms, computed in float64) on the CPU.
 
     Shape ``(len(sample_ids), *shape)``; row i depends only on (seed, stream, draw,
-    sample_ids[i]).
+    sample_ids[i]). In ``dtype``: the float64 value rounded once (float32 is written so
+    directly, without a float64 tensor in between).
+
+    The compiled generator (:mod:`fundiff._native`) and the NumPy fallback give the same
+    Philox words; their float64 normals differ by their math libraries' log, sin and cos, a
+    few ulp, and so their float32 normals almost never (where a float64 value lies within
+    those ulp of a float32 rounding boundary).
     """
     _check_seed(seed)
     sample_ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1)
+    _validate(stream, draw, sample_ids)
     n = math.prod(shape)
-    pairs = max(1, math.ceil(n / 2))
-    u = _uniform_from_bits(_raw_bits(seed, stream, draw, sample_ids, 2 * pairs)[:, : 2 * pairs])
-    u1, u2 = u[:, 0::2], u[:, 1::2]
-    radius = np.sqrt(-2.0 * np.log(u1))
-    angle = (2.0 * math.pi) * u2
-    z = np.stack((radius * np.cos(angle), radius * np.sin(angle)), axis=-1).reshape(sample_ids.numel(), 2 * pairs)
-    return torch.from_numpy(np.ascontiguousarray(z[:, :n]).reshape(sample_ids.numel(), *shape))
+    direct = dtype if dtype in (torch.float32, torch.float64) else torch.float64
+    z = _native.normal(seed, stream, draw, sample_ids, n, direct)
+    if z is None:
+        z = torch.from_numpy(_normal_numpy(seed, stream, draw, sample_ids, n))
+    return z.reshape(sample_ids.numel(), *shape).to(dtype)
 
 
 class NoiseStream:
@@ -208,8 +255,8 @@ class NoiseStream:
 
     def normal(self, draw: int) -> torch.Tensor:
         refuse_host_draw(self.device)
-        z = normal(self.seed, self.stream, draw, self.sample_ids, self.sample_shape)
-        return z.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        z = normal(self.seed, self.stream, draw, self.sample_ids, self.sample_shape, dtype=self.dtype)
+        return z.to(device=self.device, non_blocking=True)
 
     def sample(self, draw: int) -> torch.Tensor:
         """The noise samplers draw: for a plain stream, standard normal (same as ``normal``).

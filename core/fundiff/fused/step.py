@@ -156,14 +156,13 @@ class PhiloxNormal:
 
     def tensor(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """The noise as a tensor, exactly ``NoiseStream.normal(draw)`` (float64 Box-Muller, rounded once)."""
-        z = rng.normal(self.seed, self.stream, self.draw, self.sample_ids, self.sample_shape)
-        return z.to(device=device, dtype=dtype)
+        z = rng.normal(self.seed, self.stream, self.draw, self.sample_ids, self.sample_shape, dtype=dtype)
+        return z.to(device=device)
 
     def counter_words(self) -> tuple[int, int, int, int]:
         """(key0, key1, counter1, counter3 without the sample id's high bits): the Philox key and
         the counter words that do not vary inside a step (rng._raw_bits' layout)."""
-        stream_word = ((self.stream & 0xFFFF) << 16) ^ ((self.draw >> 32) & 0xFFFF)
-        return self.seed & 0xFFFFFFFF, (self.seed >> 32) & 0xFFFFFFFF, self.draw & 0xFFFFFFFF, stream_word
+        return rng._counter_words(self.seed, self.stream, self.draw)
 
 
 Operand = torch.Tensor | Prediction | PhiloxNormal
