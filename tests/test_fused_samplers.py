@@ -71,13 +71,25 @@ SAMPLERS = [
     ("unipc", {"order": 3}),
     ("deis", {}),
     ("deis", {"variant": "lambdaAB"}),
+    ("dpm2", {}),
+    ("lms", {}),
+    ("dpmpp-2s-ancestral", {}),
+    ("dpmpp-3m-sde", {}),
 ]
 GUIDANCES = {
     "none": {"name": "none"},
     "cfg": {"name": "cfg", "scale": 3.0},
     "cfg-rescaled-thresholded": {"name": "cfg", "scale": 2.0, "rescale": 0.7, "rescale_space": "eps", "dynamic_threshold": 0.9},
 }
-STOCHASTIC = {"ddim": "eta", "ddpm": None, "euler-ancestral": None, "heun": "s_churn", "dpmpp-2m-sde": None}
+STOCHASTIC = {
+    "ddim": "eta",
+    "ddpm": None,
+    "euler-ancestral": None,
+    "heun": "s_churn",
+    "dpmpp-2m-sde": None,
+    "dpmpp-2s-ancestral": None,
+    "dpmpp-3m-sde": None,
+}
 
 
 def _cases():

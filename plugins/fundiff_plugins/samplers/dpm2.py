@@ -13,15 +13,15 @@ Second order in the step size. The step onto the clean level (s~ = 0, where the 
 would be 0 too) is the plain Euler step, returning alpha_s D. The midpoint level lies off the
 grid; its (alpha, sigma) come from the grid's chain (VP or VE exactly, see
 ``_pfode.level_maker``). ``steps`` is the number of steps; each evaluates the denoiser twice
-except the last onto the clean level (2 steps - 1 in all).
+except the last onto the clean level (2 steps - 1 in all). Each stage is one fused step
+(:mod:`fundiff.fused`), with eps_hat = (x - alpha D) / sigma folded into its coefficients.
 """
 
 from __future__ import annotations
 
 import attrs
-import torch
 
-from fundiff import Sampler, hookimpl
+from fundiff import Sampler, fused, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 
 from ._exponential import zero_snr_start
@@ -51,17 +51,19 @@ class DPM2(Sampler):
             st, sm, ss = sigma_tilde(t), sigma_tilde(m), sigma_tilde(s)
             # x_m = (a_m / a_t) x + a_m (s~_m - s~_t) eps_t;  x_s = (a_s / a_t) x + a_s (s~_s - s~_t) eps_m
             plan.append((m, 1.0 / t.sigma, m.alpha / t.alpha, m.alpha * (sm - st), 1.0 / m.sigma, s.alpha / t.alpha, s.alpha * (ss - st)))
+        ex = fused.executor(x)
+        predict = ex.predictor(denoise)  # the x0 estimate, or its guided Prediction on the fused backend
         for i in range(len(levels) - 1):
             t = levels[i]
-            x0 = denoise(x, t)
+            x0 = predict(x, t)
             if plan[i] is None:
-                x = levels[i + 1].alpha * x0
+                x, x0 = ex.step(((levels[i + 1].alpha, x0),), ((1.0, x0),))
             else:
                 m, inv_t, cm_x, cm_e, inv_m, cs_x, cs_e = plan[i]
-                eps = torch.add(x, x0, alpha=-t.alpha) * inv_t
-                x_m = torch.add(cm_x * x, eps, alpha=cm_e)
-                eps_m = torch.add(x_m, denoise(x_m, m), alpha=-m.alpha) * inv_m
-                x = torch.add(cs_x * x, eps_m, alpha=cs_e)
+                # eps_t = (x - alpha_t D) / sigma_t and eps_m likewise, folded into the coefficients
+                x_m, x0 = ex.step(((cm_x + cm_e * inv_t, x), (-cm_e * inv_t * t.alpha, x0)), ((1.0, x0),))
+                x0_m = predict(x_m, m)
+                (x,) = ex.step(((cs_x, x), (cs_e * inv_m, x_m), (-cs_e * inv_m * m.alpha, x0_m)))
             if callback is not None:
                 callback(i, x, x0)
         return x

@@ -29,7 +29,7 @@ import math
 
 import attrs
 
-from fundiff import Sampler, hookimpl
+from fundiff import Sampler, fused, hookimpl
 from fundiff.brownian import StepNoise
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc
@@ -73,16 +73,18 @@ class DPMpp2SAncestral(Sampler):
     def sample(self, denoise, x, levels, noise=None, callback=None):
         plans = [self._plan(levels[i], levels[i + 1]) for i in range(len(levels) - 1)]
         draws = StepNoise(noise, self.noise, levels, sampler="dpmpp-2s-ancestral") if any(p[3] > 0 for p in plans) else None
+        ex = fused.executor(x)
+        predict = ex.predictor(denoise)  # the x0 estimate, or its guided Prediction on the fused backend
         for i, (mid, stage1, (a2, b2), c_z) in enumerate(plans):
-            x0 = denoise(x, levels[i])
+            x0 = predict(x, levels[i])
             if mid is None:
-                x_new = b2 * x0 if a2 == 0.0 else a2 * x + b2 * x0
+                terms = [(b2, x0)] if a2 == 0.0 else [(a2, x), (b2, x0)]
             else:
-                x_mid = stage1[0] * x + stage1[1] * x0
-                x_new = a2 * x + b2 * denoise(x_mid, mid)
+                x_mid, x0 = ex.step([(stage1[0], x), (stage1[1], x0)], ((1.0, x0),))
+                terms = [(a2, x), (b2, predict(x_mid, mid))]
             if c_z > 0.0:
-                x_new = x_new + c_z * draws(i, levels[i], levels[i + 1])
-            x = x_new
+                terms.append((c_z, draws.operand(ex, i, levels[i], levels[i + 1])))
+            x, x0 = ex.step(terms, ((1.0, x0),))
             if callback is not None:
                 callback(i, x, x0)
         return x

@@ -19,6 +19,7 @@ posterior step); eta = 0 the deterministic DPM-Solver++(3M). phi2 and phi3 are e
 by their series for small arguments (k-diffusion's closed forms lose digits as h -> 0). In
 x-space e^(-h_eta) alpha_s / alpha_t = (sigma_s / sigma_t) e^(-eta h) and the noise scale
 alpha_s s~_s = sigma_s. The last step, onto the clean level, returns alpha D there.
+Each step is one fused step (:mod:`fundiff.fused`); fresh noise is drawn inside the kernel there.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import math
 
 import attrs
 
-from fundiff import Sampler, hookimpl
+from fundiff import Sampler, fused, hookimpl
 from fundiff.brownian import StepNoise
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import at_least, doc
@@ -85,16 +86,19 @@ class DPMpp3MSDE(Sampler):
         plans = self._plan(levels)
         draws = StepNoise(noise, self.noise, levels, sampler="dpmpp-3m-sde") if any(p[4] > 0 for p in plans) else None
         x0_1 = x0_2 = None  # D_{i-1}, D_{i-2}
+        ex = fused.executor(x)
+        predict = ex.predictor(denoise)  # the x0 estimate, or its guided Prediction on the fused backend
         for i, (c_x, c_0, c_1, c_2, c_z) in enumerate(plans):
-            x0 = denoise(x, levels[i])
-            x_new = c_0 * x0 if c_x == 0.0 else c_x * x + c_0 * x0
+            x0 = predict(x, levels[i])
+            terms = [(c_0, x0)] if c_x == 0.0 else [(c_x, x), (c_0, x0)]
             if c_1 != 0.0:
-                x_new = x_new + c_1 * x0_1
+                terms.append((c_1, x0_1))
             if c_2 != 0.0:
-                x_new = x_new + c_2 * x0_2
+                terms.append((c_2, x0_2))
             if c_z > 0.0:
-                x_new = x_new + c_z * draws(i, levels[i], levels[i + 1])
-            x, x0_1, x0_2 = x_new, x0, x0_1
+                terms.append((c_z, draws.operand(ex, i, levels[i], levels[i + 1])))
+            x, x0 = ex.step(terms, ((1.0, x0),))
+            x0_1, x0_2 = x0, x0_1
             if callback is not None:
                 callback(i, x, x0)
         return x

@@ -25,6 +25,7 @@ Warm start (``warm_start``): until ``order`` slopes exist,
 
 The last step integrates onto s~ = 0 with the same formula (as k-diffusion does), so the
 sample lands on the clean level without a separate jump. ``steps`` is the number of steps.
+Each slope and each update is one fused step (:mod:`fundiff.fused`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ import functools
 
 import attrs
 import numpy as np
-import torch
 
-from fundiff import Sampler, hookimpl
+from fundiff import Sampler, fused, hookimpl
 from fundiff.components import ADDITIVE_NOISE, GAUSSIAN_MARGINALS
 from fundiff.config import doc, in_range, one_of
 
@@ -97,20 +97,19 @@ class LMS(Sampler):
             return x
         history = []  # eps_hat, newest first
         make = level_maker(levels) if self.warm_start == "rk4" else None
+        ex = fused.executor(x)
+        predict = ex.predictor(denoise)  # the x0 estimate, or its guided Prediction on the fused backend
         for i, (inv_sigma, c_x, c_eps) in enumerate(self.plan(levels)):
             t = levels[i]
-            x0 = denoise(x, t)
-            history.insert(0, torch.add(x, x0, alpha=-t.alpha) * inv_sigma)
+            warming = make is not None and i < self.order - 1
+            x0 = denoise(x, t) if warming else predict(x, t)
+            eps, x0 = ex.step(((inv_sigma, x), (-t.alpha * inv_sigma, x0)), ((1.0, x0),))  # (x - alpha D) / sigma
+            history.insert(0, eps)
             del history[self.order :]
-            if make is not None and i < self.order - 1:
+            if warming:
                 x = transfer(x, rk4_slope(denoise, x, t, levels[i + 1], history[0], make), t, levels[i + 1])
-                if callback is not None:
-                    callback(i, x, x0)
-                continue
-            update = c_x * x
-            for c, eps in zip(c_eps, history):
-                update = torch.add(update, eps, alpha=c)
-            x = update
+            else:
+                (x,) = ex.step([(c_x, x), *zip(c_eps, history)])
             if callback is not None:
                 callback(i, x, x0)
         return x
