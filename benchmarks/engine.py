@@ -14,7 +14,9 @@ on the ``ve`` chain, where its levels are exactly k-diffusion's sigmas (the pari
 tests/test_parity_kdiffusion.py show the samples agree to 1e-14 in float64). Stochastic
 samplers draw their noise as each library does by default: k-diffusion with
 ``torch.randn_like`` (batch-dependent), fundiff from per-sample Philox streams (sample i the
-same whatever the batch), a different amount of work that the table shows as it is.
+same whatever the batch) with its compiled generator where it builds (the header says which:
+``random numbers: compiled``, else ``numpy (why)``), a different amount of work that the
+table shows as it is.
 
 k-diffusion is loaded with ``fundiff.parity.kdiffusion_sampling`` (``pip install --no-deps
 k-diffusion``). Usage::
@@ -36,7 +38,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 import fundiff
-from fundiff import rng
+from fundiff import _native, rng
 from fundiff.parity import kdiffusion_sampling
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
@@ -127,7 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     registry = fundiff.Registry.discover()
     print(
         f"# Engine time beyond the denoiser: fundiff vs k-diffusion ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, fundiff {fundiff.__version__})\n"
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, fundiff {fundiff.__version__}, "
+        f"random numbers: {_native.status()})\n"
     )
     for title, batch, dim, reps, unit, scale in (
         (

@@ -61,8 +61,8 @@ import attrs
 import torch
 
 import fundiff
+from fundiff import _native, rng
 from fundiff import pipeline as fundiff_pipeline
-from fundiff import rng
 from fundiff.pipeline import make_denoise, noise_levels
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared _report module beside this script
@@ -803,6 +803,7 @@ def machine_description(threads: int) -> list[str]:
         f"date (UTC): {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M')}",
         f"machine: {os.cpu_count()} CPU cores ({cpu}), no GPU used; torch threads: {threads}",
         f"python {platform.python_version()}, torch {torch.__version__}, fundiff {fundiff.__version__}",
+        f"random numbers: {_native.status()}",
         f"load average at start: {load_average()}",
     ]
 

@@ -198,3 +198,45 @@ def test_forked_child_draws_after_parent_used_threads():
     threads, ones = queue.get(timeout=5)
     assert threads == 1 and ones == 1 << 20
     assert queue.get(timeout=5) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [3, 64, 1030])
+def test_add_normal_in_place_matches_drawing_then_adding(dtype, n):
+    """rng.add_normal_(out, c, key) is out.add_(rng.normal(key), alpha=c) without the noise
+    tensor: within one ulp of the result (both are one multiply-add per element; torch's CPU
+    kernels fuse it where the CPU has FMA, as the compiled path does), and row i the same in any
+    batch. Non-contiguous or half-precision outputs take the draw-then-add path exactly."""
+    ids = torch.arange(40, 40 + max(4, 4096 // n))
+    start = rng.normal(1, 9, 0, ids, (n,), dtype=dtype)
+    expected = start.clone().add_(rng.normal(3, 2, 5, ids, (n,), dtype=dtype), alpha=0.37)
+    got = rng.add_normal_(start.clone(), 0.37, 3, 2, 5, ids)
+    assert got.dtype == dtype
+    ulp = torch.from_numpy(np.spacing(np.abs(expected.numpy())))
+    assert bool(((got - expected).abs() <= ulp).all())
+    assert torch.equal(rng.add_normal_(start[1:2].clone(), 0.37, 3, 2, 5, ids[1:2])[0], got[1])
+    strided = torch.zeros(n, len(ids), dtype=dtype).T  # not contiguous
+    assert torch.equal(rng.add_normal_(strided, 2.0, 3, 2, 5, ids), 2.0 * rng.normal(3, 2, 5, ids, (n,), dtype=dtype))
+    half = rng.add_normal_(torch.zeros(len(ids), n, dtype=torch.bfloat16), 1.0, 3, 2, 5, ids)
+    assert torch.equal(half, rng.normal(3, 2, 5, ids, (n,), dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="rows"):
+        rng.add_normal_(torch.zeros(len(ids) + 1, n, dtype=dtype), 1.0, 3, 2, 5, ids)
+
+
+def test_torch_backend_adds_fresh_noise_in_place():
+    """The torch backend gets fresh noise as a Philox descriptor and adds it as it draws it: an
+    ancestral step equals the step written with the noise tensor (to one ulp), with no
+    noise-sized allocation beyond the output."""
+    from fundiff import NoiseStream, fused
+    from fundiff.fused.step import PhiloxNormal
+
+    ids = torch.arange(300)
+    stream = NoiseStream(4, ids, (6, 7))
+    ex = fused.executor(torch.zeros(1), "torch")
+    z = ex.noise(stream, 3)
+    assert isinstance(z, PhiloxNormal)
+    x, x0 = torch.randn(300, 6, 7, dtype=torch.float64).float(), torch.randn(300, 6, 7).float()
+    (got,) = ex.step(((0.8, x), (0.3, x0), (0.5, z)))
+    expected = (x * 0.8).add_(x0, alpha=0.3).add_(stream.normal(3), alpha=0.5)
+    ulp = torch.from_numpy(np.spacing(np.abs(expected.numpy())))
+    assert bool(((got - expected).abs() <= ulp).all())

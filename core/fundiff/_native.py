@@ -36,7 +36,7 @@ import torch
 
 logger = logging.getLogger("fundiff.rng")
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 SOURCE = Path(__file__).with_name("_philox.c")
 
 #: compiler flags, best first; the first that builds and passes the check is used.
@@ -199,6 +199,7 @@ def _build(cc: str, flags: list[str], libs: list[str], target: Path) -> None:
 
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_uint32] * 4 + [ctypes.c_void_p, ctypes.c_int]
 _FUNCTIONS = ("fundiff_philox_words", "fundiff_philox_uniform", "fundiff_philox_normal_f64", "fundiff_philox_normal_f32")
+_ADD_FUNCTIONS = ("fundiff_philox_add_normal_f64", "fundiff_philox_add_normal_f32")
 
 
 def _checked(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -210,8 +211,8 @@ def _checked(lib: ctypes.CDLL) -> ctypes.CDLL:
             raise _Unavailable("ABI version mismatch")
         lib.fundiff_philox_openmp.restype = ctypes.c_int
         lib.openmp = bool(lib.fundiff_philox_openmp())
-        for name in _FUNCTIONS:
-            getattr(lib, name).argtypes = _ARGS
+        for name in _FUNCTIONS + _ADD_FUNCTIONS:
+            getattr(lib, name).argtypes = _ARGS + ([ctypes.c_double] if name in _ADD_FUNCTIONS else [])
             getattr(lib, name).restype = None
     except AttributeError as exc:
         raise _Unavailable(f"missing symbol: {exc}") from None
@@ -242,7 +243,14 @@ def _thread_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _call(
-    lib: ctypes.CDLL, name: str, ids: torch.Tensor, n: int, counter: tuple[int, int, int, int], out: torch.Tensor, *, parallel: bool = True
+    lib: ctypes.CDLL,
+    name: str,
+    ids: torch.Tensor,
+    n: int,
+    counter: tuple[int, int, int, int],
+    out: torch.Tensor,
+    *extra: float,
+    parallel: bool = True,
 ) -> torch.Tensor:
     """Run one of the C functions on int64 ``ids`` into the contiguous ``out`` (rows x n) with
     torch's intra-op thread count when the work is large: inside the library where it has
@@ -252,16 +260,16 @@ def _call(
     rows = ids.numel()
     threads = max(1, min(torch.get_num_threads(), (rows * n) // PARALLEL_GRAIN)) if parallel else 1
     if threads == 1 or lib.openmp:
-        function(ids.data_ptr(), rows, n, *counter, out.data_ptr(), threads)
+        function(ids.data_ptr(), rows, n, *counter, out.data_ptr(), threads, *extra)
         return out
     item = out.element_size()
     bounds = [rows * w // threads for w in range(threads + 1)]
     jobs = [
-        _thread_pool(threads).submit(function, ids.data_ptr() + 8 * a, b - a, n, *counter, out.data_ptr() + item * n * a, 1)
+        _thread_pool(threads).submit(function, ids.data_ptr() + 8 * a, b - a, n, *counter, out.data_ptr() + item * n * a, 1, *extra)
         for a, b in zip(bounds[1:-1], bounds[2:])
         if b > a
     ]
-    function(ids.data_ptr(), bounds[1], n, *counter, out.data_ptr(), 1)  # the first share on this thread
+    function(ids.data_ptr(), bounds[1], n, *counter, out.data_ptr(), 1, *extra)  # the first share on this thread
     for job in jobs:
         job.result()
     return out
@@ -301,3 +309,16 @@ def normal(seed: int, stream: int, draw: int, ids: torch.Tensor, n: int, dtype: 
     name = "fundiff_philox_normal_f32" if dtype == torch.float32 else "fundiff_philox_normal_f64"
     out = torch.empty(ids.numel(), n, dtype=torch.float32 if dtype == torch.float32 else torch.float64)
     return _call(lib, name, ids, n, rng._counter_words(seed, stream, draw), out)
+
+
+def add_normal(seed: int, stream: int, draw: int, ids: torch.Tensor, out: torch.Tensor, scale: float) -> bool:
+    """``out += scale * normal(...)`` in place on a contiguous CPU float32 / float64 ``out`` of
+    ``len(ids)`` rows; False (nothing done) without the library."""
+    lib = library()
+    if lib is None:
+        return False
+    from . import rng
+
+    name = "fundiff_philox_add_normal_f32" if out.dtype == torch.float32 else "fundiff_philox_add_normal_f64"
+    _call(lib, name, ids, out.numel() // max(1, ids.numel()), rng._counter_words(seed, stream, draw), out, float(scale))
+    return True

@@ -121,19 +121,28 @@ static void word_blocks(const task_words *t, int count, uint32_t *v) {
         for (int k = 0; k < 4; k++) v[4 * b + k] = t->w[k][b];
 }
 
-enum kind { WORDS, UNIFORM, NORMAL_F64, NORMAL_F32 };
+enum kind { WORDS, UNIFORM, NORMAL_F64, NORMAL_F32, ADD_NORMAL_F64, ADD_NORMAL_F32 };
 
 /* Elements [from, from + len) of a task's 4 * count values, element j of the buffer going
- * to out[j - from + at]; the buffer holds words (kind WORDS) or doubles. */
-static void copy_out(enum kind kind, const void *buffer, int64_t from, int64_t len, void *out, int64_t at) {
+ * to out[j - from + at]; the buffer holds words (kind WORDS) or doubles. The ADD kinds add
+ * scale * z to what out holds, as torch's out.add_(z, alpha=scale) does on a CPU with FMA:
+ * one fused multiply-add, in float32 with z and scale rounded to float32 first. */
+static void copy_out(enum kind kind, const void *buffer, int64_t from, int64_t len, void *out, int64_t at,
+                     double scale) {
+    const double *src = (const double *)buffer + from;
     if (kind == WORDS) {
         memcpy((uint32_t *)out + at, (const uint32_t *)buffer + from, (size_t)len * sizeof(uint32_t));
     } else if (kind == NORMAL_F32) {
-        const double *src = (const double *)buffer + from;
         float *dst = (float *)out + at;
         for (int64_t j = 0; j < len; j++) dst[j] = (float)src[j];
+    } else if (kind == ADD_NORMAL_F32) {
+        float *dst = (float *)out + at, s = (float)scale;
+        for (int64_t j = 0; j < len; j++) dst[j] = fmaf(s, (float)src[j], dst[j]);
+    } else if (kind == ADD_NORMAL_F64) {
+        double *dst = (double *)out + at;
+        for (int64_t j = 0; j < len; j++) dst[j] = fma(scale, src[j], dst[j]);
     } else {
-        memcpy((double *)out + at, (const double *)buffer + from, (size_t)len * sizeof(double));
+        memcpy((double *)out + at, src, (size_t)len * sizeof(double));
     }
 }
 
@@ -154,7 +163,8 @@ static inline uint32_t high_word(uint64_t id, philox_key key) { return key.ctr3 
 
 /* rows x n values of `kind` into out (row-major). Rows of at least CHUNK / 4 blocks are cut
  * into tasks of CHUNK blocks within a row; shorter rows are packed, several per task. */
-static void fill(enum kind kind, const uint64_t *ids, int64_t rows, int64_t n, philox_key key, void *out, int threads) {
+static void fill(enum kind kind, const uint64_t *ids, int64_t rows, int64_t n, philox_key key, void *out, int threads,
+                 double scale) {
     int64_t per_row = (n + 3) / 4; /* blocks per row */
     if (rows <= 0 || per_row == 0) return;
     if (per_row >= CHUNK / PAD) {
@@ -172,7 +182,7 @@ static void fill(enum kind kind, const uint64_t *ids, int64_t rows, int64_t n, p
             }
             values(kind, &t, count, key, buffer);
             int64_t len = n - 4 * first < 4 * (int64_t)count ? n - 4 * first : 4 * (int64_t)count;
-            copy_out(kind, buffer, 0, len, out, row * n + 4 * first);
+            copy_out(kind, buffer, 0, len, out, row * n + 4 * first, scale);
         }
     } else {
         int64_t rows_per_task = CHUNK / per_row;
@@ -191,35 +201,49 @@ static void fill(enum kind kind, const uint64_t *ids, int64_t rows, int64_t n, p
                     t.c3[count] = high_word(ids[row0 + r], key);
                 }
             values(kind, &t, count, key, buffer);
-            for (int64_t r = 0; r < nrows; r++) copy_out(kind, buffer, r * 4 * per_row, n, out, (row0 + r) * n);
+            for (int64_t r = 0; r < nrows; r++) copy_out(kind, buffer, r * 4 * per_row, n, out, (row0 + r) * n, scale);
         }
     }
 }
 
 /* The exported functions: ids (rows), n values per row, key words, counter words 1 and 3
- * (the sample id's high bits are xor-ed into word 3 here), out (rows x n), threads. */
+ * (the sample id's high bits are xor-ed into word 3 here), out (rows x n), threads; the
+ * add_normal functions take a scale after them. */
 void fundiff_philox_words(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
                           uint32_t ctr3, uint32_t *out, int threads) {
     philox_key key = {k0, k1, ctr1, ctr3};
-    fill(WORDS, ids, rows, n, key, out, threads);
+    fill(WORDS, ids, rows, n, key, out, threads, 0.0);
 }
 
 void fundiff_philox_uniform(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
                             uint32_t ctr3, double *out, int threads) {
     philox_key key = {k0, k1, ctr1, ctr3};
-    fill(UNIFORM, ids, rows, n, key, out, threads);
+    fill(UNIFORM, ids, rows, n, key, out, threads, 0.0);
 }
 
 void fundiff_philox_normal_f64(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
                                uint32_t ctr3, double *out, int threads) {
     philox_key key = {k0, k1, ctr1, ctr3};
-    fill(NORMAL_F64, ids, rows, n, key, out, threads);
+    fill(NORMAL_F64, ids, rows, n, key, out, threads, 0.0);
 }
 
 void fundiff_philox_normal_f32(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
                                uint32_t ctr3, float *out, int threads) {
     philox_key key = {k0, k1, ctr1, ctr3};
-    fill(NORMAL_F32, ids, rows, n, key, out, threads);
+    fill(NORMAL_F32, ids, rows, n, key, out, threads, 0.0);
+}
+
+/* out += scale * normals, in place (out: rows x n). */
+void fundiff_philox_add_normal_f64(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1,
+                                   uint32_t ctr1, uint32_t ctr3, double *out, int threads, double scale) {
+    philox_key key = {k0, k1, ctr1, ctr3};
+    fill(ADD_NORMAL_F64, ids, rows, n, key, out, threads, scale);
+}
+
+void fundiff_philox_add_normal_f32(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1,
+                                   uint32_t ctr1, uint32_t ctr3, float *out, int threads, double scale) {
+    philox_key key = {k0, k1, ctr1, ctr3};
+    fill(ADD_NORMAL_F32, ids, rows, n, key, out, threads, scale);
 }
 
 /* 1 when built with OpenMP: the functions split their work over `threads` themselves. */
@@ -232,4 +256,4 @@ int fundiff_philox_openmp(void) {
 }
 
 /* The ABI version _native.py expects: bump when a signature changes. */
-int fundiff_philox_abi(void) { return 2; }
+int fundiff_philox_abi(void) { return 3; }

@@ -201,6 +201,37 @@ def normal(
     return z.reshape(sample_ids.numel(), *shape).to(dtype)
 
 
+def add_normal_(
+    out: torch.Tensor,
+    scale: float,
+    seed: int,
+    stream: int,
+    draw: int,
+    sample_ids: torch.Tensor | Sequence[int],
+) -> torch.Tensor:
+    """``out.add_(normal(seed, stream, draw, sample_ids, out.shape[1:], out.dtype), alpha=scale)``
+    without the noise tensor: on a contiguous CPU float32 / float64 ``out`` the compiled
+    generator adds the normals as it draws them (one pass, no allocation; each element one
+    fused multiply-add, as torch's ``add_`` rounds on a CPU with FMA). Elsewhere, or without
+    the compiled generator, the noise is drawn and added with ``add_``. Returns ``out``."""
+    _check_seed(seed)
+    sample_ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1)
+    _validate(stream, draw, sample_ids)
+    if out.shape[:1] != (sample_ids.numel(),):
+        raise ValueError(f"out has {tuple(out.shape)[:1]} rows for {sample_ids.numel()} sample ids")
+    if not (
+        out.device.type == "cpu"
+        and out.dtype in (torch.float32, torch.float64)
+        and out.is_contiguous()
+        and not out.requires_grad
+        and _native.add_normal(seed, stream, draw, sample_ids, out, scale)
+    ):
+        refuse_host_draw(out.device)
+        z = normal(seed, stream, draw, sample_ids, tuple(out.shape[1:]), dtype=out.dtype)
+        out.add_(z.to(out.device), alpha=scale)
+    return out
+
+
 class NoiseStream:
     """Random numbers for one batch of samples, keyed by (seed, stream, global sample index).
 

@@ -159,6 +159,13 @@ class PhiloxNormal:
         z = rng.normal(self.seed, self.stream, self.draw, self.sample_ids, self.sample_shape, dtype=dtype)
         return z.to(device=device)
 
+    def add_to_(self, out: torch.Tensor, scale: float) -> torch.Tensor:
+        """``out += scale * self.tensor(...)`` in place (:func:`fundiff.rng.add_normal_`: on the
+        CPU the compiled generator adds the noise as it draws it, without a noise tensor)."""
+        if out.shape != self.shape:
+            raise ValueError(f"noise of shape {tuple(self.shape)} added to a tensor of shape {tuple(out.shape)}")
+        return rng.add_normal_(out, scale, self.seed, self.stream, self.draw, self.sample_ids)
+
     def counter_words(self) -> tuple[int, int, int, int]:
         """(key0, key1, counter1, counter3 without the sample id's high bits): the Philox key and
         the counter words that do not vary inside a step (rng._raw_bits' layout)."""

@@ -3,9 +3,11 @@
 Used on the CPU and wherever Triton cannot run. On the path samplers take (tensor operands
 only, float32 or float64) a step is exactly the old ``lincomb``: one multiply, then in-place
 multiply-adds in the order the terms are given, so converting a sampler to the step algebra
-changes neither its cost nor its numbers there. Predictions, Philox noise descriptors and
-half-precision operands take the general path: everything resolved to tensors, combined in
-float32 (or the operands' wider dtype) and rounded once to the output dtype.
+changes neither its cost nor its numbers there. Fresh noise (a Philox noise descriptor after
+the first term) is added in place as it is drawn (:func:`fundiff.rng.add_normal_`: no noise
+tensor on the CPU). Predictions, noise as the first term and half-precision operands take the
+general path: everything resolved to tensors, combined in float32 (or the operands' wider
+dtype) and rounded once to the output dtype.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class _General(Exception):
 
 
 def _combine(terms: Sequence[Term]) -> torch.Tensor:
-    """sum_i c_i T_i for tensor operands: ``T_0 * c_0`` then ``add_(T_i, alpha=c_i)`` (c_i != 0)."""
+    """sum_i c_i T_i for tensor operands: ``T_0 * c_0`` then ``add_(T_i, alpha=c_i)`` (c_i != 0);
+    fresh noise (a PhiloxNormal after the first term) is added in place as it is drawn."""
     c0, t0 = terms[0]
     if t0.__class__ is not _Tensor:
         raise _General
@@ -50,7 +53,12 @@ def _combine(terms: Sequence[Term]) -> torch.Tensor:
     out = t0 * c0
     for c, t in terms[1:]:
         if c != 0.0:
-            out.add_(t, alpha=c)  # TypeError for a Prediction or PhiloxNormal: general path
+            if t.__class__ is PhiloxNormal:
+                if t.shape != out.shape:
+                    raise _General
+                t.add_to_(out, c)
+            else:
+                out.add_(t, alpha=c)  # TypeError for a Prediction: general path
     return out
 
 
@@ -113,8 +121,13 @@ class TorchExecutor:
         """``predict`` bound to ``denoise`` once per run: here ``denoise`` itself (no cost per step)."""
         return denoise
 
-    def noise(self, source, draw: int) -> torch.Tensor:
-        return source.sample(draw)
+    def noise(self, source, draw: int):
+        """Fresh noise for ``draw``: a :class:`PhiloxNormal` when the source offers
+        ``philox(draw)`` (a step adds it as it draws it, without a noise tensor), else the
+        tensor ``source.sample(draw)``."""
+        philox = getattr(source, "philox", None)
+        z = philox(draw) if philox is not None else None
+        return z if z is not None else source.sample(draw)
 
     def step(self, *outputs: Sequence[Term]) -> tuple[torch.Tensor, ...]:
         try:  # the samplers' usual shapes spelt out: each Python-level step costs ~0.1 us here
