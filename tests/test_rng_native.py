@@ -1,4 +1,4 @@
-"""The compiled generator (fundiff/_philox.c via fundiff._native) against the NumPy reference
+"""The compiled generator (fundiff/_native.c via fundiff._native) against the NumPy reference
 in fundiff.rng, and its build, cache and fallback behaviour.
 
 What must hold, and why:
@@ -137,7 +137,7 @@ def test_failed_build_falls_back_and_says_why(fresh_native, monkeypatch, caplog)
     assert _native.status().startswith("numpy (") and "compiler exit 1" in _native.status()
     assert _native.library() is None
     messages = [r.getMessage() for r in caplog.records if r.name == "fundiff.rng"]
-    assert len(messages) == 1 and "drawing with NumPy (same numbers, slower)" in messages[0]
+    assert len(messages) == 1 and "drawing random numbers with NumPy (same numbers, slower)" in messages[0]
     ids = torch.tensor([1, 2])
     assert np.array_equal(rng.uniform(5, 1, 0, ids, (6,)).numpy(), rng._uniform_from_bits(rng._raw_bits_numpy(5, 1, 0, ids, 6)[:, :6]))
 

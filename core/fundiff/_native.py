@@ -1,11 +1,16 @@
-"""The compiled host generator: fundiff/_philox.c, built once per machine and loaded with ctypes.
+"""fundiff's compiled host code: fundiff/_native.c, built once per machine and loaded with ctypes.
 
-fundiff's noise is a pure function of (seed, stream, draw, sample id, element) (see
-:mod:`fundiff.rng`). NumPy computes it at about 30 ns a normal on one core, which dominates a
-stochastic sampler's step at large batches; the C version of the same arithmetic, vectorised
-by the compiler, takes about 2 ns. It is an accelerator only: the Philox words are identical
-bit for bit, the uniforms too, and the float64 normals differ from NumPy's by the math
-libraries' log, sin and cos (a few ulp; tests/test_rng_native.py states the bound).
+Two things, both accelerators only:
+
+- the random-number generator. fundiff's noise is a pure function of (seed, stream, draw,
+  sample id, element) (see :mod:`fundiff.rng`). NumPy computes it at about 30 ns a normal on
+  one core, which dominates a stochastic sampler's step at large batches; the C version of
+  the same arithmetic, vectorised by the compiler, takes about 2 ns. The Philox words are
+  identical bit for bit, the uniforms too, and the float64 normals differ from NumPy's by
+  the math libraries' log, sin and cos (a few ulp; tests/test_rng_native.py states the bound).
+- the CPU form of a fused sampling step (:mod:`fundiff.fused`): out = sum_i c_i T_i (+ c_z
+  z, drawn as it is added) in one pass over memory, where torch makes one pass per term. It
+  rounds as the torch operations do on a CPU with FMA (tests/test_native_steps.py).
 
 Building: the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) compiles the file
 into the cache directory (``$FUNDIFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/fundiff``, else
@@ -36,8 +41,8 @@ import torch
 
 logger = logging.getLogger("fundiff.rng")
 
-ABI_VERSION = 3
-SOURCE = Path(__file__).with_name("_philox.c")
+ABI_VERSION = 4
+SOURCE = Path(__file__).with_name("_native.c")
 
 #: compiler flags, best first; the first that builds and passes the check is used.
 #: -ffp-contract=off: no fused multiply-adds, which the NumPy reference does not do;
@@ -81,12 +86,12 @@ _pool_pid: int | None = None
 
 
 def status() -> str:
-    """"compiled" when the C generator is in use, else "numpy (<why>)" (builds on first call)."""
+    """"compiled" when the C library is in use, else "numpy (<why>)" (builds on first call)."""
     return "compiled" if library() is not None else f"numpy ({_why_not})"
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded C generator, or None when fundiff draws with NumPy (reason in the log)."""
+    """The loaded C library, or None when fundiff uses NumPy and torch (reason in the log)."""
     global _library, _tried, _why_not
     if _tried:
         return _library
@@ -96,7 +101,9 @@ def library() -> ctypes.CDLL | None:
                 _library = _load()
             except _Unavailable as exc:
                 _why_not = str(exc)
-                logger.info("compiled random-number generator unavailable (%s); drawing with NumPy (same numbers, slower)", exc)
+                logger.info(
+                    "compiled host code unavailable (%s); drawing random numbers with NumPy (same numbers, slower)", exc
+                )
             _tried = True
     return _library
 
@@ -166,7 +173,7 @@ def _load() -> ctypes.CDLL:
     errors = []
     for flags, libs in ([_OPENMP] if _torch_uses_libgomp() else []) + FLAG_SETS:
         digest = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(flags + libs).encode(), cpu.encode(), platform.platform().encode()]))
-        target = directory / f"philox-{digest.hexdigest()[:20]}{'.dll' if sys.platform == 'win32' else '.so'}"
+        target = directory / f"native-{digest.hexdigest()[:20]}{'.dll' if sys.platform == 'win32' else '.so'}"
         if target.exists():
             try:
                 return _checked(ctypes.CDLL(str(target)))
@@ -200,19 +207,27 @@ def _build(cc: str, flags: list[str], libs: list[str], target: Path) -> None:
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_uint32] * 4 + [ctypes.c_void_p, ctypes.c_int]
 _FUNCTIONS = ("fundiff_philox_words", "fundiff_philox_uniform", "fundiff_philox_normal_f64", "fundiff_philox_normal_f32")
 _ADD_FUNCTIONS = ("fundiff_philox_add_normal_f64", "fundiff_philox_add_normal_f32")
+_STEP_NOISE_FUNCTIONS = ("fundiff_step_normal_f64", "fundiff_step_normal_f32")
+_STEP_FUNCTIONS = ("fundiff_step_f64", "fundiff_step_f32")
 
 
 def _checked(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the signatures, then compare with the NumPy code on a few counters: a library that
     disagrees (a miscompile, another source version) is not used."""
     try:
-        lib.fundiff_philox_abi.restype = ctypes.c_int
-        if lib.fundiff_philox_abi() != ABI_VERSION:
+        lib.fundiff_native_abi.restype = ctypes.c_int
+        if lib.fundiff_native_abi() != ABI_VERSION:
             raise _Unavailable("ABI version mismatch")
-        lib.fundiff_philox_openmp.restype = ctypes.c_int
-        lib.openmp = bool(lib.fundiff_philox_openmp())
-        for name in _FUNCTIONS + _ADD_FUNCTIONS:
-            getattr(lib, name).argtypes = _ARGS + ([ctypes.c_double] if name in _ADD_FUNCTIONS else [])
+        lib.fundiff_native_openmp.restype = ctypes.c_int
+        lib.openmp = bool(lib.fundiff_native_openmp())
+        for name in _FUNCTIONS + _ADD_FUNCTIONS + _STEP_NOISE_FUNCTIONS:
+            extra = [ctypes.c_double] if name in _ADD_FUNCTIONS else []
+            if name in _STEP_NOISE_FUNCTIONS:
+                extra = [ctypes.c_double, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+            getattr(lib, name).argtypes = _ARGS + extra
+            getattr(lib, name).restype = None
+        for name in _STEP_FUNCTIONS:
+            getattr(lib, name).argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
             getattr(lib, name).restype = None
     except AttributeError as exc:
         raise _Unavailable(f"missing symbol: {exc}") from None
@@ -322,3 +337,52 @@ def add_normal(seed: int, stream: int, draw: int, ids: torch.Tensor, out: torch.
     name = "fundiff_philox_add_normal_f32" if out.dtype == torch.float32 else "fundiff_philox_add_normal_f64"
     _call(lib, name, ids, out.numel() // max(1, ids.numel()), rng._counter_words(seed, stream, draw), out, float(scale))
     return True
+
+
+#: the smallest step (elements) worth a call into the library: below it torch's few operations
+#: cost less than the ctypes call and its argument checks
+STEP_MIN_ELEMENTS = 1 << 14
+_STEP_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def step(coefficients: list[float], tensors: list[torch.Tensor], noise=None, noise_coefficient: float = 0.0) -> torch.Tensor | None:
+    """``sum_i coefficients[i] tensors[i] (+ noise_coefficient * noise)`` in one pass into a new
+    tensor, rounded as ``tensors[0] * c_0`` then ``add_(T_i, alpha=c_i)`` in order (then
+    ``add_(noise)``) round on a CPU with FMA; ``noise`` a :class:`fundiff.fused.PhiloxNormal`.
+
+    None (nothing done) without the library, or when the operands do not fit: every tensor
+    contiguous, on the CPU, float32 or float64 alike, of one shape, not requiring grad where
+    grad is on.
+    """
+    first = tensors[0]
+    suffix = _STEP_DTYPES.get(first.dtype)
+    if suffix is None or first.device.type != "cpu":
+        return None
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t.dtype != first.dtype or t.shape != first.shape or not t.is_contiguous() or t.device.type != "cpu" or (grad and t.requires_grad):
+            return None
+    lib = library()
+    if lib is None:
+        return None
+    out = torch.empty_like(first, memory_format=torch.contiguous_format)
+    count = len(tensors)
+    pointers = (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors])
+    coefs = (ctypes.c_double * count)(*coefficients)
+    if noise is None:
+        threads = max(1, min(torch.get_num_threads(), first.numel() // PARALLEL_GRAIN)) if lib.openmp else 1
+        getattr(lib, f"fundiff_step_{suffix}")(first.numel(), out.data_ptr(), threads, count, pointers, coefs)
+        return out
+    if noise.shape != first.shape:
+        return None
+    from . import rng
+
+    ids = noise.sample_ids.contiguous()
+    rows = ids.numel()
+    n = first.numel() // max(1, rows)
+    threads = max(1, min(torch.get_num_threads(), first.numel() // PARALLEL_GRAIN)) if lib.openmp else 1
+    getattr(lib, f"fundiff_step_normal_{suffix}")(
+        ids.data_ptr(), rows, n, *rng._counter_words(noise.seed, noise.stream, noise.draw), out.data_ptr(), threads,
+        float(noise_coefficient), count, pointers, coefs,
+    )
+    return out

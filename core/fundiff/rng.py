@@ -122,7 +122,7 @@ def _raw_bits_numpy(seed: int, stream: int, draw: int, sample_ids: torch.Tensor,
 
     Counter words: c0 = element block, c1 = draw, c2 = low 32 bits of the sample id,
     c3 = stream (high 16 bits) | high 16 bits of the sample id. The reference for the
-    compiled generator (fundiff/_philox.c), which gives the same words.
+    compiled generator (fundiff/_native.c), which gives the same words.
     """
     blocks = max(1, math.ceil(n_per_sample / 4))
     batch = sample_ids.numel()

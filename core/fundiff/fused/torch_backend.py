@@ -5,7 +5,9 @@ only, float32 or float64) a step is exactly the old ``lincomb``: one multiply, t
 multiply-adds in the order the terms are given, so converting a sampler to the step algebra
 changes neither its cost nor its numbers there. Fresh noise (a Philox noise descriptor after
 the first term) is added in place as it is drawn (:func:`fundiff.rng.add_normal_`: no noise
-tensor on the CPU). Predictions, noise as the first term and half-precision operands take the
+tensor on the CPU). On the CPU, at 2^14 elements and more, the compiled step of
+:mod:`fundiff._native` does the same combination in one pass over memory instead of one per
+term, rounding as those operations do (on a CPU with FMA: bit for bit). Predictions, noise as the first term and half-precision operands take the
 general path: everything resolved to tensors, combined in float32 (or the operands' wider
 dtype) and rounded once to the output dtype.
 """
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import _native
 from .step import PhiloxNormal, Prediction, Term, plan, threshold_scale
 
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -50,6 +53,10 @@ def _combine(terms: Sequence[Term]) -> torch.Tensor:
         return t0  # the output is an operand: nothing to compute
     if c0 == 0.0 or t0.dtype in _REDUCED:
         raise _General
+    if t0.numel() >= _native.STEP_MIN_ELEMENTS and t0.device.type == "cpu":
+        out = _native_step(terms)
+        if out is not None:
+            return out
     out = t0 * c0
     for c, t in terms[1:]:
         if c != 0.0:
@@ -60,6 +67,26 @@ def _combine(terms: Sequence[Term]) -> torch.Tensor:
             else:
                 out.add_(t, alpha=c)  # TypeError for a Prediction: general path
     return out
+
+
+def _native_step(terms: Sequence[Term]) -> torch.Tensor | None:
+    """The same combination in one pass over memory by the compiled CPU step (rounded as the
+    operations of ``_combine`` round), or None where it does not apply: fresh noise anywhere
+    but last, a prediction, or operands it does not take (see :func:`fundiff._native.step`)."""
+    coefficients, tensors, noise, noise_coefficient = [], [], None, 0.0
+    for c, t in terms:
+        if c == 0.0:
+            continue
+        if noise is not None:
+            return None  # noise before another term: keep the order of _combine
+        if t.__class__ is _Tensor:
+            coefficients.append(c)
+            tensors.append(t)
+        elif t.__class__ is PhiloxNormal:
+            noise, noise_coefficient = t, c
+        else:
+            return None
+    return _native.step(coefficients, tensors, noise, noise_coefficient)
 
 
 def resolve_prediction(prediction: Prediction, dtype: torch.dtype | None = None) -> torch.Tensor:

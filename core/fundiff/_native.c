@@ -1,9 +1,11 @@
-/* fundiff's per-sample random streams, compiled: Philox4x32-10 words, uniforms and
- * Box-Muller normals with the counter layout of fundiff/rng.py.
+/* fundiff's compiled host code: per-sample random streams (Philox4x32-10 words, uniforms
+ * and Box-Muller normals with the counter layout of fundiff/rng.py) and the CPU form of a
+ * fused sampling step (out = sum_i c_i T_i + c_z z in one pass over memory).
  *
  * fundiff/_native.py compiles this file once per machine with the system C compiler and
  * loads it with ctypes; without a compiler fundiff uses the NumPy code in rng.py, which
- * gives the same Philox words bit for bit (tests/test_rng_native.py checks both).
+ * gives the same Philox words bit for bit, and torch operations for the steps
+ * (tests/test_rng_native.py and tests/test_native_steps.py check both).
  *
  * Counter of Philox block b of sample `id` (rng._raw_bits): (b, ctr1, id & 0xFFFFFFFF,
  * ctr3 ^ (id >> 32)), key (k0, k1). Element e of a sample takes word e % 4 of block e / 4.
@@ -18,8 +20,12 @@
  * alignment peeling, whose scalar log / sin / cos could round differently), and the
  * results are then copied out.
  *
- * Built with -ffp-contract=off (no fused multiply-adds that NumPy would not do) and, where
- * the compiler and C library have them, the vector variants of log, sin and cos (glibc's
+ * Steps round as the torch backend's operations do on a CPU with FMA: acc = T_0 * c_0, then
+ * acc = fma(c_i, T_i, acc) per further term and fma(c_z, z, acc) for the noise, each
+ * coefficient first rounded to the operands' dtype (torch's mul and add_ with alpha).
+ *
+ * Built with -ffp-contract=off (no fused multiply-adds but the explicit ones) and, where the
+ * compiler and C library have them, the vector variants of log, sin and cos (glibc's
  * libmvec, declared below for `omp simd` loops). With -fopenmp (against the libgomp torch
  * has loaded: the tasks run on torch's own intra-op threads) a call splits its tasks over
  * `threads`; without it the caller splits the rows.
@@ -121,26 +127,54 @@ static void word_blocks(const task_words *t, int count, uint32_t *v) {
         for (int k = 0; k < 4; k++) v[4 * b + k] = t->w[k][b];
 }
 
-enum kind { WORDS, UNIFORM, NORMAL_F64, NORMAL_F32, ADD_NORMAL_F64, ADD_NORMAL_F32 };
+enum kind { WORDS, UNIFORM, NORMAL_F64, NORMAL_F32, STEP_F64, STEP_F32 };
+
+/* The tensor terms of a fused step: out = sum_i coefs[i] inputs[i] + noise_coef z, the
+ * inputs contiguous and as long as out; with no inputs, out += noise_coef z. */
+typedef struct {
+    int count;
+    const void *const *inputs;
+    const double *coefs;
+    double noise_coef;
+} step_terms;
+
+/* Elements [at, at + len) of a step's output; z (float64 normals, or NULL) for those elements. */
+#define STEP_RANGE(NAME, T, FMA)                                                                 \
+    static void NAME(const step_terms *s, int64_t at, int64_t len, T *out, const double *z) {  \
+        T *restrict dst = out + at;                                                            \
+        if (s->count > 0) {                                                                    \
+            const T *restrict a = (const T *)s->inputs[0] + at;                                \
+            T c = (T)s->coefs[0];                                                              \
+            for (int64_t j = 0; j < len; j++) dst[j] = a[j] * c;                               \
+            for (int i = 1; i < s->count; i++) {                                               \
+                const T *restrict b = (const T *)s->inputs[i] + at;                            \
+                T ci = (T)s->coefs[i];                                                         \
+                for (int64_t j = 0; j < len; j++) dst[j] = FMA(ci, b[j], dst[j]);              \
+            }                                                                                  \
+        }                                                                                      \
+        if (z) {                                                                               \
+            T cz = (T)s->noise_coef;                                                           \
+            for (int64_t j = 0; j < len; j++) dst[j] = FMA(cz, (T)z[j], dst[j]);               \
+        }                                                                                      \
+    }
+STEP_RANGE(step_range_f32, float, fmaf)
+STEP_RANGE(step_range_f64, double, fma)
 
 /* Elements [from, from + len) of a task's 4 * count values, element j of the buffer going
- * to out[j - from + at]; the buffer holds words (kind WORDS) or doubles. The ADD kinds add
- * scale * z to what out holds, as torch's out.add_(z, alpha=scale) does on a CPU with FMA:
- * one fused multiply-add, in float32 with z and scale rounded to float32 first. */
+ * to out[j - from + at]; the buffer holds words (kind WORDS) or doubles. The STEP kinds
+ * combine them into a step's output (step_range). */
 static void copy_out(enum kind kind, const void *buffer, int64_t from, int64_t len, void *out, int64_t at,
-                     double scale) {
+                     const step_terms *step) {
     const double *src = (const double *)buffer + from;
     if (kind == WORDS) {
         memcpy((uint32_t *)out + at, (const uint32_t *)buffer + from, (size_t)len * sizeof(uint32_t));
     } else if (kind == NORMAL_F32) {
         float *dst = (float *)out + at;
         for (int64_t j = 0; j < len; j++) dst[j] = (float)src[j];
-    } else if (kind == ADD_NORMAL_F32) {
-        float *dst = (float *)out + at, s = (float)scale;
-        for (int64_t j = 0; j < len; j++) dst[j] = fmaf(s, (float)src[j], dst[j]);
-    } else if (kind == ADD_NORMAL_F64) {
-        double *dst = (double *)out + at;
-        for (int64_t j = 0; j < len; j++) dst[j] = fma(scale, src[j], dst[j]);
+    } else if (kind == STEP_F32) {
+        step_range_f32(step, at, len, (float *)out, src);
+    } else if (kind == STEP_F64) {
+        step_range_f64(step, at, len, (double *)out, src);
     } else {
         memcpy((double *)out + at, src, (size_t)len * sizeof(double));
     }
@@ -164,7 +198,7 @@ static inline uint32_t high_word(uint64_t id, philox_key key) { return key.ctr3 
 /* rows x n values of `kind` into out (row-major). Rows of at least CHUNK / 4 blocks are cut
  * into tasks of CHUNK blocks within a row; shorter rows are packed, several per task. */
 static void fill(enum kind kind, const uint64_t *ids, int64_t rows, int64_t n, philox_key key, void *out, int threads,
-                 double scale) {
+                 const step_terms *step) {
     int64_t per_row = (n + 3) / 4; /* blocks per row */
     if (rows <= 0 || per_row == 0) return;
     if (per_row >= CHUNK / PAD) {
@@ -182,7 +216,7 @@ static void fill(enum kind kind, const uint64_t *ids, int64_t rows, int64_t n, p
             }
             values(kind, &t, count, key, buffer);
             int64_t len = n - 4 * first < 4 * (int64_t)count ? n - 4 * first : 4 * (int64_t)count;
-            copy_out(kind, buffer, 0, len, out, row * n + 4 * first, scale);
+            copy_out(kind, buffer, 0, len, out, row * n + 4 * first, step);
         }
     } else {
         int64_t rows_per_task = CHUNK / per_row;
@@ -201,7 +235,7 @@ static void fill(enum kind kind, const uint64_t *ids, int64_t rows, int64_t n, p
                     t.c3[count] = high_word(ids[row0 + r], key);
                 }
             values(kind, &t, count, key, buffer);
-            for (int64_t r = 0; r < nrows; r++) copy_out(kind, buffer, r * 4 * per_row, n, out, (row0 + r) * n, scale);
+            for (int64_t r = 0; r < nrows; r++) copy_out(kind, buffer, r * 4 * per_row, n, out, (row0 + r) * n, step);
         }
     }
 }
@@ -212,42 +246,82 @@ static void fill(enum kind kind, const uint64_t *ids, int64_t rows, int64_t n, p
 void fundiff_philox_words(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
                           uint32_t ctr3, uint32_t *out, int threads) {
     philox_key key = {k0, k1, ctr1, ctr3};
-    fill(WORDS, ids, rows, n, key, out, threads, 0.0);
+    fill(WORDS, ids, rows, n, key, out, threads, 0);
 }
 
 void fundiff_philox_uniform(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
                             uint32_t ctr3, double *out, int threads) {
     philox_key key = {k0, k1, ctr1, ctr3};
-    fill(UNIFORM, ids, rows, n, key, out, threads, 0.0);
+    fill(UNIFORM, ids, rows, n, key, out, threads, 0);
 }
 
 void fundiff_philox_normal_f64(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
                                uint32_t ctr3, double *out, int threads) {
     philox_key key = {k0, k1, ctr1, ctr3};
-    fill(NORMAL_F64, ids, rows, n, key, out, threads, 0.0);
+    fill(NORMAL_F64, ids, rows, n, key, out, threads, 0);
 }
 
 void fundiff_philox_normal_f32(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
                                uint32_t ctr3, float *out, int threads) {
     philox_key key = {k0, k1, ctr1, ctr3};
-    fill(NORMAL_F32, ids, rows, n, key, out, threads, 0.0);
+    fill(NORMAL_F32, ids, rows, n, key, out, threads, 0);
 }
 
 /* out += scale * normals, in place (out: rows x n). */
 void fundiff_philox_add_normal_f64(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1,
                                    uint32_t ctr1, uint32_t ctr3, double *out, int threads, double scale) {
     philox_key key = {k0, k1, ctr1, ctr3};
-    fill(ADD_NORMAL_F64, ids, rows, n, key, out, threads, scale);
+    step_terms step = {0, 0, 0, scale};
+    fill(STEP_F64, ids, rows, n, key, out, threads, &step);
 }
 
 void fundiff_philox_add_normal_f32(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1,
                                    uint32_t ctr1, uint32_t ctr3, float *out, int threads, double scale) {
     philox_key key = {k0, k1, ctr1, ctr3};
-    fill(ADD_NORMAL_F32, ids, rows, n, key, out, threads, scale);
+    step_terms step = {0, 0, 0, scale};
+    fill(STEP_F32, ids, rows, n, key, out, threads, &step);
 }
 
+/* A fused step with fresh noise: out = sum_i coefs[i] inputs[i] + noise_coef z (out: rows x n,
+ * count >= 1 inputs of the same size). */
+void fundiff_step_normal_f64(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
+                             uint32_t ctr3, double *out, int threads, double noise_coef, int count,
+                             const double *const *inputs, const double *coefs) {
+    philox_key key = {k0, k1, ctr1, ctr3};
+    step_terms step = {count, (const void *const *)inputs, coefs, noise_coef};
+    fill(STEP_F64, ids, rows, n, key, out, threads, &step);
+}
+
+void fundiff_step_normal_f32(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
+                             uint32_t ctr3, float *out, int threads, double noise_coef, int count,
+                             const float *const *inputs, const double *coefs) {
+    philox_key key = {k0, k1, ctr1, ctr3};
+    step_terms step = {count, (const void *const *)inputs, coefs, noise_coef};
+    fill(STEP_F32, ids, rows, n, key, out, threads, &step);
+}
+
+/* A fused step without noise: out = sum_i coefs[i] inputs[i] over numel elements, in tasks
+ * of STEP_TASK elements, each in L1-sized ranges (the output range is written, then updated
+ * per input while it is in cache). */
+#define STEP_TASK 16384
+#define STEP_RANGE_LEN 2048
+
+#define STEP_FUNCTION(NAME, T, RANGE)                                                                      \
+    void NAME(int64_t numel, T *out, int threads, int count, const T *const *inputs, const double *coefs) { \
+        step_terms step = {count, (const void *const *)inputs, coefs, 0.0};                               \
+        int64_t tasks = (numel + STEP_TASK - 1) / STEP_TASK;                                              \
+        PARALLEL_TASKS                                                                                    \
+        for (int64_t task = 0; task < tasks; task++) {                                                    \
+            int64_t end = (task + 1) * STEP_TASK < numel ? (task + 1) * STEP_TASK : numel;                \
+            for (int64_t at = task * STEP_TASK; at < end; at += STEP_RANGE_LEN)                           \
+                RANGE(&step, at, end - at < STEP_RANGE_LEN ? end - at : STEP_RANGE_LEN, out, 0);          \
+        }                                                                                                 \
+    }
+STEP_FUNCTION(fundiff_step_f32, float, step_range_f32)
+STEP_FUNCTION(fundiff_step_f64, double, step_range_f64)
+
 /* 1 when built with OpenMP: the functions split their work over `threads` themselves. */
-int fundiff_philox_openmp(void) {
+int fundiff_native_openmp(void) {
 #ifdef _OPENMP
     return 1;
 #else
@@ -256,4 +330,4 @@ int fundiff_philox_openmp(void) {
 }
 
 /* The ABI version _native.py expects: bump when a signature changes. */
-int fundiff_philox_abi(void) { return 3; }
+int fundiff_native_abi(void) { return 4; }
