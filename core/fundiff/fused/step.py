@@ -156,6 +156,7 @@ class PhiloxNormal:
 
     def tensor(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """The noise as a tensor, exactly ``NoiseStream.normal(draw)`` (float64 Box-Muller, rounded once)."""
+        rng.refuse_host_draw(torch.device(device))  # drawn here on the host: not inside a CUDA graph capture
         z = rng.normal(self.seed, self.stream, self.draw, self.sample_ids, self.sample_shape, dtype=dtype)
         return z.to(device=device)
 
