@@ -240,3 +240,36 @@ def test_torch_backend_adds_fresh_noise_in_place():
     expected = (x * 0.8).add_(x0, alpha=0.3).add_(stream.normal(3), alpha=0.5)
     ulp = torch.from_numpy(np.spacing(np.abs(expected.numpy())))
     assert bool(((got - expected).abs() <= ulp).all())
+
+
+@needs_compiled
+@pytest.mark.parametrize("flag_set", range(len(_native.FLAG_SETS) + 1))
+def test_every_build_variant_is_correct(flag_set, tmp_path):
+    """Each compiler flag set the loader may fall back to (with OpenMP on torch's libgomp; with
+    vector math; -march=native alone; plain) builds a library that passes the load-time check,
+    gives NumPy's words bit for bit and normals within ULP_BOUND, and splits large draws over
+    two threads (in the library with OpenMP, over Python threads without) without changing them."""
+    import ctypes
+
+    flags, libs = _native._OPENMP if flag_set == 0 else _native.FLAG_SETS[flag_set - 1]
+    if flag_set == 0 and not _native._torch_uses_libgomp():
+        pytest.skip("torch does not run on GNU OpenMP here")
+    target = tmp_path / "variant.so"
+    _native._build(_native._compiler(), flags, libs, target)
+    lib = _native._checked(ctypes.CDLL(str(target)))
+    assert lib.openmp == ("-fopenmp" in flags)
+    ids = torch.arange(3, 3 + 4096) * 31
+    counter = rng._counter_words(2**50 + 1, 7, 12)
+    words = torch.empty(len(ids), 70, dtype=torch.int32)
+    _native._call(lib, "fundiff_philox_words", ids, 70, counter, words)
+    assert np.array_equal(words.numpy().view(np.uint32).astype(np.int64), rng._raw_bits_numpy(2**50 + 1, 7, 12, ids, 70)[:, :70].astype(np.int64))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        split = _native._call(lib, "fundiff_philox_normal_f64", ids, 70, counter, torch.empty(len(ids), 70, dtype=torch.float64))
+    finally:
+        torch.set_num_threads(previous)
+    alone = _native._call(lib, "fundiff_philox_normal_f64", ids, 70, counter, torch.empty(len(ids), 70, dtype=torch.float64), parallel=False)
+    assert torch.equal(split, alone)
+    reference = rng._normal_numpy(2**50 + 1, 7, 12, ids, 70)
+    assert np.all(np.abs(alone.numpy() - reference) <= ULP_BOUND * np.spacing(np.abs(reference)))

@@ -242,63 +242,29 @@ static void fill(enum kind kind, const uint64_t *ids, int64_t rows, int64_t n, p
 
 /* The exported functions: ids (rows), n values per row, key words, counter words 1 and 3
  * (the sample id's high bits are xor-ed into word 3 here), out (rows x n), threads; the
- * add_normal functions take a scale after them. */
-void fundiff_philox_words(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
-                          uint32_t ctr3, uint32_t *out, int threads) {
-    philox_key key = {k0, k1, ctr1, ctr3};
-    fill(WORDS, ids, rows, n, key, out, threads, 0);
-}
-
-void fundiff_philox_uniform(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
-                            uint32_t ctr3, double *out, int threads) {
-    philox_key key = {k0, k1, ctr1, ctr3};
-    fill(UNIFORM, ids, rows, n, key, out, threads, 0);
-}
-
-void fundiff_philox_normal_f64(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
-                               uint32_t ctr3, double *out, int threads) {
-    philox_key key = {k0, k1, ctr1, ctr3};
-    fill(NORMAL_F64, ids, rows, n, key, out, threads, 0);
-}
-
-void fundiff_philox_normal_f32(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
-                               uint32_t ctr3, float *out, int threads) {
-    philox_key key = {k0, k1, ctr1, ctr3};
-    fill(NORMAL_F32, ids, rows, n, key, out, threads, 0);
-}
-
-/* out += scale * normals, in place (out: rows x n). */
-void fundiff_philox_add_normal_f64(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1,
-                                   uint32_t ctr1, uint32_t ctr3, double *out, int threads, double scale) {
-    philox_key key = {k0, k1, ctr1, ctr3};
-    step_terms step = {0, 0, 0, scale};
-    fill(STEP_F64, ids, rows, n, key, out, threads, &step);
-}
-
-void fundiff_philox_add_normal_f32(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1,
-                                   uint32_t ctr1, uint32_t ctr3, float *out, int threads, double scale) {
-    philox_key key = {k0, k1, ctr1, ctr3};
-    step_terms step = {0, 0, 0, scale};
-    fill(STEP_F32, ids, rows, n, key, out, threads, &step);
-}
+ * step functions take the step's terms after them. */
+#define EXPORT_DRAW(NAME, T, KIND)                                                                           \
+    void NAME(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1, uint32_t ctr3, \
+              T *out, int threads) {                                                                            \
+        philox_key key = {k0, k1, ctr1, ctr3};                                                                  \
+        fill(KIND, ids, rows, n, key, out, threads, 0);                                                         \
+    }
+EXPORT_DRAW(fundiff_philox_words, uint32_t, WORDS)
+EXPORT_DRAW(fundiff_philox_uniform, double, UNIFORM)
+EXPORT_DRAW(fundiff_philox_normal_f64, double, NORMAL_F64)
+EXPORT_DRAW(fundiff_philox_normal_f32, float, NORMAL_F32)
 
 /* A fused step with fresh noise: out = sum_i coefs[i] inputs[i] + noise_coef z (out: rows x n,
- * count >= 1 inputs of the same size). */
-void fundiff_step_normal_f64(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
-                             uint32_t ctr3, double *out, int threads, double noise_coef, int count,
-                             const double *const *inputs, const double *coefs) {
-    philox_key key = {k0, k1, ctr1, ctr3};
-    step_terms step = {count, (const void *const *)inputs, coefs, noise_coef};
-    fill(STEP_F64, ids, rows, n, key, out, threads, &step);
-}
-
-void fundiff_step_normal_f32(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1,
-                             uint32_t ctr3, float *out, int threads, double noise_coef, int count,
-                             const float *const *inputs, const double *coefs) {
-    philox_key key = {k0, k1, ctr1, ctr3};
-    step_terms step = {count, (const void *const *)inputs, coefs, noise_coef};
-    fill(STEP_F32, ids, rows, n, key, out, threads, &step);
-}
+ * the inputs of its size); with count = 0 (inputs and coefs unused), out += noise_coef z in place. */
+#define EXPORT_STEP_NORMAL(NAME, T, KIND)                                                                       \
+    void NAME(const uint64_t *ids, int64_t rows, int64_t n, uint32_t k0, uint32_t k1, uint32_t ctr1, uint32_t ctr3, \
+              T *out, int threads, double noise_coef, int count, const T *const *inputs, const double *coefs) {  \
+        philox_key key = {k0, k1, ctr1, ctr3};                                                                  \
+        step_terms step = {count, (const void *const *)inputs, coefs, noise_coef};                              \
+        fill(KIND, ids, rows, n, key, out, threads, &step);                                                     \
+    }
+EXPORT_STEP_NORMAL(fundiff_step_normal_f64, double, STEP_F64)
+EXPORT_STEP_NORMAL(fundiff_step_normal_f32, float, STEP_F32)
 
 /* A fused step without noise: out = sum_i coefs[i] inputs[i] over numel elements, in tasks
  * of STEP_TASK elements, each in L1-sized ranges (the output range is written, then updated
@@ -330,4 +296,4 @@ int fundiff_native_openmp(void) {
 }
 
 /* The ABI version _native.py expects: bump when a signature changes. */
-int fundiff_native_abi(void) { return 4; }
+int fundiff_native_abi(void) { return 5; }

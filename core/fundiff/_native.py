@@ -41,7 +41,7 @@ import torch
 
 logger = logging.getLogger("fundiff.rng")
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 SOURCE = Path(__file__).with_name("_native.c")
 
 #: compiler flags, best first; the first that builds and passes the check is used.
@@ -206,7 +206,6 @@ def _build(cc: str, flags: list[str], libs: list[str], target: Path) -> None:
 
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_uint32] * 4 + [ctypes.c_void_p, ctypes.c_int]
 _FUNCTIONS = ("fundiff_philox_words", "fundiff_philox_uniform", "fundiff_philox_normal_f64", "fundiff_philox_normal_f32")
-_ADD_FUNCTIONS = ("fundiff_philox_add_normal_f64", "fundiff_philox_add_normal_f32")
 _STEP_NOISE_FUNCTIONS = ("fundiff_step_normal_f64", "fundiff_step_normal_f32")
 _STEP_FUNCTIONS = ("fundiff_step_f64", "fundiff_step_f32")
 
@@ -220,10 +219,8 @@ def _checked(lib: ctypes.CDLL) -> ctypes.CDLL:
             raise _Unavailable("ABI version mismatch")
         lib.fundiff_native_openmp.restype = ctypes.c_int
         lib.openmp = bool(lib.fundiff_native_openmp())
-        for name in _FUNCTIONS + _ADD_FUNCTIONS + _STEP_NOISE_FUNCTIONS:
-            extra = [ctypes.c_double] if name in _ADD_FUNCTIONS else []
-            if name in _STEP_NOISE_FUNCTIONS:
-                extra = [ctypes.c_double, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        for name in _FUNCTIONS + _STEP_NOISE_FUNCTIONS:
+            extra = [ctypes.c_double, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] if name in _STEP_NOISE_FUNCTIONS else []
             getattr(lib, name).argtypes = _ARGS + extra
             getattr(lib, name).restype = None
         for name in _STEP_FUNCTIONS:
@@ -334,8 +331,9 @@ def add_normal(seed: int, stream: int, draw: int, ids: torch.Tensor, out: torch.
         return False
     from . import rng
 
-    name = "fundiff_philox_add_normal_f32" if out.dtype == torch.float32 else "fundiff_philox_add_normal_f64"
-    _call(lib, name, ids, out.numel() // max(1, ids.numel()), rng._counter_words(seed, stream, draw), out, float(scale))
+    name = "fundiff_step_normal_f32" if out.dtype == torch.float32 else "fundiff_step_normal_f64"
+    # a step with no tensor terms: out += scale * z (rows split freely: there are no inputs to offset)
+    _call(lib, name, ids, out.numel() // max(1, ids.numel()), rng._counter_words(seed, stream, draw), out, float(scale), 0, None, None)
     return True
 
 
