@@ -129,6 +129,17 @@ def test_numpy_fallback_when_disabled(fresh_native, monkeypatch):
     assert torch.equal(z32, torch.from_numpy(rng._normal_numpy(5, 1, 0, ids, 9)).float())
 
 
+def test_no_compiler_is_a_setting_not_a_fault(fresh_native, monkeypatch, caplog):
+    """No C compiler on the PATH: NumPy draws, status says so, and the log line is info (a
+    machine without a compiler is not broken)."""
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(fresh_native))
+    caplog.set_level(logging.INFO, logger="fundiff.rng")
+    assert _native.status() == "numpy (no C compiler found ($CC, cc, gcc, clang))"
+    records = [r for r in caplog.records if r.name == "fundiff.rng"]
+    assert len(records) == 1 and records[0].levelno == logging.INFO
+
+
 def test_failed_build_falls_back_and_says_why(fresh_native, monkeypatch, caplog):
     """A compiler that fails every flag set: fundiff draws with NumPy and logs the reason once."""
     monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")
@@ -136,8 +147,9 @@ def test_failed_build_falls_back_and_says_why(fresh_native, monkeypatch, caplog)
     assert _native.library() is None
     assert _native.status().startswith("numpy (") and "compiler exit 1" in _native.status()
     assert _native.library() is None
-    messages = [r.getMessage() for r in caplog.records if r.name == "fundiff.rng"]
-    assert len(messages) == 1 and "drawing random numbers with NumPy (same numbers, slower)" in messages[0]
+    records = [r for r in caplog.records if r.name == "fundiff.rng"]
+    assert len(records) == 1 and "drawing random numbers with NumPy (same numbers, slower)" in records[0].getMessage()
+    assert records[0].levelno == logging.WARNING  # a compiler that fails is a fault worth showing
     ids = torch.tensor([1, 2])
     assert np.array_equal(rng.uniform(5, 1, 0, ids, (6,)).numpy(), rng._uniform_from_bits(rng._raw_bits_numpy(5, 1, 0, ids, 6)[:, :6]))
 

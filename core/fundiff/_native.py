@@ -18,7 +18,8 @@ into the cache directory (``$FUNDIFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/fundiff
 feature flags (the build uses ``-march=native``), so a machine reuses its build and another
 machine sharing the directory makes its own. The library is checked against the NumPy code
 before use. Without a compiler, when the build or the check fails, or with
-``FUNDIFF_NATIVE=0``, fundiff uses NumPy and says why once in the log (``fundiff.rng``).
+``FUNDIFF_NATIVE=0``, fundiff uses NumPy and says why once in the log (``fundiff.rng``: a
+warning when a build failed, info otherwise).
 """
 
 from __future__ import annotations
@@ -101,8 +102,10 @@ def library() -> ctypes.CDLL | None:
                 _library = _load()
             except _Unavailable as exc:
                 _why_not = str(exc)
-                logger.info(
-                    "compiled host code unavailable (%s); drawing random numbers with NumPy (same numbers, slower)", exc
+                # a build that failed is worth a warning; no compiler, or FUNDIFF_NATIVE=0, is a setting
+                level = logging.WARNING if exc.build_failed else logging.INFO
+                logger.log(
+                    level, "compiled host code unavailable (%s); drawing random numbers with NumPy (same numbers, slower)", exc
                 )
             _tried = True
     return _library
@@ -116,7 +119,9 @@ def reset() -> None:
 
 
 class _Unavailable(Exception):
-    pass
+    def __init__(self, message: str, *, build_failed: bool = False):
+        super().__init__(message)
+        self.build_failed = build_failed
 
 
 def cache_dir() -> Path:
@@ -184,7 +189,7 @@ def _load() -> ctypes.CDLL:
             return _checked(ctypes.CDLL(str(target)))
         except (OSError, subprocess.SubprocessError, _Unavailable) as exc:
             errors.append(f"{' '.join(flags) or 'plain'}: {exc}")
-    raise _Unavailable("; ".join(errors))
+    raise _Unavailable("; ".join(errors), build_failed=True)
 
 
 def _build(cc: str, flags: list[str], libs: list[str], target: Path) -> None:
