@@ -46,7 +46,8 @@ ABI_VERSION = 5
 SOURCE = Path(__file__).with_name("_native.c")
 
 #: compiler flags, best first; the first that builds and passes the check is used.
-#: -ffp-contract=off: no fused multiply-adds, which the NumPy reference does not do;
+#: -ffp-contract=off: no implicit fused multiply-adds (NumPy's Box-Muller has none; the
+#: steps' are explicit fma calls, as torch's add_ does them);
 #: vector math: glibc's libmvec variants of log / sin / cos in the `omp simd` loops (sin and
 #: cos stay separate calls, not a scalar sincos, so that the loop vectorises);
 #: -fopenmp only where torch runs on GNU OpenMP (see _torch_uses_libgomp).
@@ -248,6 +249,12 @@ def _checked(lib: ctypes.CDLL) -> ctypes.CDLL:
         reference = rng._normal_numpy(*key, ids, n)
         if not np.allclose(z.numpy(), reference, rtol=1e-13, atol=1e-15):
             raise _Unavailable("its normals differ from the NumPy reference")
+    x = torch.linspace(-3.0, 3.0, 5000, dtype=torch.float64)
+    square = x * x
+    out = torch.empty_like(x)
+    lib.fundiff_step_f64(x.numel(), out.data_ptr(), 1, 2, (ctypes.c_void_p * 2)(x.data_ptr(), square.data_ptr()), (ctypes.c_double * 2)(0.5, -0.25))
+    if not torch.allclose(out, 0.5 * x - 0.25 * square, rtol=1e-15, atol=1e-15):
+        raise _Unavailable("its step arithmetic differs from torch's")
     return lib
 
 
