@@ -2,8 +2,9 @@
 
 fundiff draws every random number (the prior, the fresh noise of a stochastic sampler step,
 the training noise, data indices, noise levels) from a counter-based generator, Philox4x32-10
-(Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"), written here with
-vectorised torch integer arithmetic. A number is a pure function of
+(Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"), computed by the
+compiled host code of :mod:`fundiff._native` where it builds and by the NumPy code here
+otherwise (the same words bit for bit). A number is a pure function of
 
     key     = the 64-bit seed
     counter = (element block, draw index, sample index, stream id)

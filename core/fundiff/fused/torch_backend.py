@@ -7,9 +7,10 @@ changes neither its cost nor its numbers there. Fresh noise (a Philox noise desc
 the first term) is added in place as it is drawn (:func:`fundiff.rng.add_normal_`: no noise
 tensor on the CPU). On the CPU, at 2^14 elements and more, the compiled step of
 :mod:`fundiff._native` does the same combination in one pass over memory instead of one per
-term, rounding as those operations do (on a CPU with FMA: bit for bit). Predictions, noise as the first term and half-precision operands take the
-general path: everything resolved to tensors, combined in float32 (or the operands' wider
-dtype) and rounded once to the output dtype.
+term, rounding as those operations do (on a CPU with FMA: bit for bit). Predictions, noise
+as the first term and half-precision operands take the general path: everything resolved
+to tensors, combined in float32 (or the operands' wider dtype) and rounded once to the
+output dtype.
 """
 
 from __future__ import annotations
