@@ -170,3 +170,16 @@ def test_sampling_with_and_without_the_library_agrees(monkeypatch):
         _native.reset()
     tolerance = len(levels) * torch.finfo(torch.float32).eps * float(x.abs().max())
     assert float((compiled - reference).abs().max()) <= tolerance
+
+
+def test_transforms_keep_torch_doing_the_work():
+    """Under torch.func.vmap the operands are wrappers without storage of their own: the step
+    falls back to the torch operations (and gives their result) instead of failing; so does
+    fresh noise added in place to such a tensor."""
+    x = torch.randn(8, 40000)
+    ex = fused.executor(x, "torch")
+    out = torch.func.vmap(lambda row: ex.step(((0.5, row), (0.25, row)))[0])(x)
+    assert torch.equal(out, (x * 0.5).add_(x, alpha=0.25))
+    seen = []
+    torch.func.vmap(lambda row: seen.append(_native._plain_tensors([row])) or row)(x)
+    assert seen == [False] and _native._plain_tensors([x])

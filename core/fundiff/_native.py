@@ -335,11 +335,25 @@ def normal(seed: int, stream: int, draw: int, ids: torch.Tensor, n: int, dtype: 
     return _call(lib, name, ids, n, rng._counter_words(seed, stream, draw), out)
 
 
+def _plain_tensors(tensors) -> bool:
+    """Whether the library may read these tensors' memory: not while torch.compile traces (it
+    would break the graph), and not for tensors without storage of their own (torch.func's
+    vmap and grad wrappers), where the torch operations do the work instead."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        for t in tensors:
+            t.data_ptr()
+    except RuntimeError:
+        return False
+    return True
+
+
 def add_normal(seed: int, stream: int, draw: int, ids: torch.Tensor, out: torch.Tensor, scale: float) -> bool:
     """``out += scale * normal(...)`` in place on a contiguous CPU float32 / float64 ``out`` of
     ``len(ids)`` rows; False (nothing done) without the library."""
     lib = library()
-    if lib is None:
+    if lib is None or not _plain_tensors((out,)):
         return False
     from . import rng
 
@@ -362,11 +376,11 @@ def step(coefficients: list[float], tensors: list[torch.Tensor], noise=None, noi
 
     None (nothing done) without the library, or when the operands do not fit: every tensor
     contiguous, on the CPU, float32 or float64 alike, of one shape, not requiring grad where
-    grad is on.
+    grad is on, with storage of its own, and not under torch.compile.
     """
     first = tensors[0]
     suffix = _STEP_DTYPES.get(first.dtype)
-    if suffix is None or first.device.type != "cpu":
+    if suffix is None or first.device.type != "cpu" or not _plain_tensors(tensors):
         return None
     grad = torch.is_grad_enabled()
     for t in tensors:
