@@ -183,3 +183,21 @@ def test_transforms_keep_torch_doing_the_work():
     seen = []
     torch.func.vmap(lambda row: seen.append(_native._plain_tensors([row])) or row)(x)
     assert seen == [False] and _native._plain_tensors([x])
+
+
+def test_cpu_steps_benchmark_runs():
+    """benchmarks/cpu_steps.py checks every variant against the torch operations before it
+    times them: a tiny run exits 0 and prints its table (the figures mean nothing here)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "cpu_steps.py"), "--sizes", "0.25", "--reps", "1", "--no-compile"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "multistep" in done.stdout and "ancestral" in done.stdout
