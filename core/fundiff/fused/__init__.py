@@ -9,7 +9,7 @@ A sampler that writes its update through an executor is fused without writing a 
         predict = ex.predictor(denoise)              # once per run
         for i in range(len(levels) - 1):
             x0 = predict(x, levels[i])               # a tensor, or a deferred guided Prediction
-            z = ex.noise(noise, i)                   # a tensor, or in-kernel Philox noise
+            z = ex.noise(noise, i)                   # Philox noise by its key (or a tensor)
             x, x0 = ex.step(((c_x, x), (c_d, x0), (c_z, z)), ((1.0, x0),))
 
 ``ex.step(*outputs)`` takes one sequence of (host float, operand) terms per output and
@@ -20,7 +20,8 @@ computed from the noise levels before the loop.
 
 Backends (``sample.backend`` in a recipe, ``--backend`` on the command line):
 
-* ``torch``: the reference, plain torch operations (:mod:`.torch_backend`);
+* ``torch``: the reference, plain torch operations (:mod:`.torch_backend`; on the CPU, large
+  steps run as one pass of the compiled host code, rounding alike);
 * ``triton``: one generated kernel per step structure (:mod:`.triton_backend`), CUDA tensors
   (or CPU tensors under ``TRITON_INTERPRET=1``, for tests);
 * ``auto`` (default): ``triton`` for float32 / half-precision CUDA tensors when Triton
