@@ -1,5 +1,5 @@
-"""The compiled CPU step (fundiff._native.step, used by the torch backend's fused steps at
-2^14 elements and more) against the torch operations it replaces.
+"""The compiled CPU step (fundiff._native.step, used by the torch backend's fused steps from
+2^17 elements, 2^12 with fresh noise) against the torch operations it replaces.
 
 The torch backend combines a step's terms as ``T_0 * c_0``, then ``add_(T_i, alpha=c_i)`` per
 further term (torch rounds each to the operands' dtype, the multiply-add fused where the CPU
@@ -127,6 +127,8 @@ def test_step_declines_what_it_does_not_take():
 
 
 def test_torch_backend_uses_it_above_the_threshold_only(monkeypatch):
+    """The torch backend hands a step to the library from STEP_MIN_ELEMENTS (from
+    STEP_NOISE_MIN_ELEMENTS when the step draws fresh noise), where it is faster."""
     calls = []
     real = _native.step
     monkeypatch.setattr(_native, "step", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -139,6 +141,14 @@ def test_torch_backend_uses_it_above_the_threshold_only(monkeypatch):
     (got,) = ex.step(terms)
     assert calls == [1]
     _assert_agree(got, _chain(terms, big.dtype), terms)
+    rows = _native.STEP_NOISE_MIN_ELEMENTS // 64
+    for n_rows, used in ((rows - 1, False), (rows, True)):
+        calls.clear()
+        x = torch.randn(n_rows, 64)
+        z = PhiloxNormal(seed=3, stream=2, draw=1, sample_ids=torch.arange(n_rows), sample_shape=(64,))
+        (got,) = ex.step(((0.5, x), (0.25, z)))
+        assert calls == ([1] if used else [])
+        _assert_agree(got, _chain(((0.5, x), (0.25, z)), x.dtype), ((0.5, x), (0.25, z)))
 
 
 def test_sampling_with_and_without_the_library_agrees(monkeypatch):

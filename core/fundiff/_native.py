@@ -76,8 +76,11 @@ def _torch_uses_libgomp() -> bool:
         return False
 
 
-#: elements per thread below which a call runs on the calling thread alone
-PARALLEL_GRAIN = 1 << 16
+#: elements per thread below which a call runs on the calling thread alone: drawing normals
+#: costs about 1 ns an element, a step without noise about 0.1 ns (measured on 2 cores:
+#: below these a second thread costs more than it saves)
+DRAW_GRAIN = 1 << 13
+STEP_GRAIN = 1 << 16
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -282,7 +285,7 @@ def _call(
     function = getattr(lib, name)
     ids = ids.contiguous()
     rows = ids.numel()
-    threads = max(1, min(torch.get_num_threads(), (rows * n) // PARALLEL_GRAIN)) if parallel else 1
+    threads = max(1, min(torch.get_num_threads(), (rows * n) // DRAW_GRAIN)) if parallel else 1
     if threads == 1 or lib.openmp:
         function(ids.data_ptr(), rows, n, *counter, out.data_ptr(), threads, *extra)
         return out
@@ -363,9 +366,11 @@ def add_normal(seed: int, stream: int, draw: int, ids: torch.Tensor, out: torch.
     return True
 
 
-#: the smallest step (elements) worth a call into the library: below it torch's few operations
-#: cost less than the ctypes call and its argument checks
-STEP_MIN_ELEMENTS = 1 << 14
+#: the smallest step (elements) worth a call into the library, without and with fresh noise:
+#: below them torch's operations (and the in-place noise of rng.add_normal_) cost less than
+#: the call and its argument checks (measured crossovers on 2 cores: about 2^17 and 2^12)
+STEP_MIN_ELEMENTS = 1 << 17
+STEP_NOISE_MIN_ELEMENTS = 1 << 12
 _STEP_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -394,7 +399,7 @@ def step(coefficients: list[float], tensors: list[torch.Tensor], noise=None, noi
     pointers = (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors])
     coefs = (ctypes.c_double * count)(*coefficients)
     if noise is None:
-        threads = max(1, min(torch.get_num_threads(), first.numel() // PARALLEL_GRAIN)) if lib.openmp else 1
+        threads = max(1, min(torch.get_num_threads(), first.numel() // STEP_GRAIN)) if lib.openmp else 1
         getattr(lib, f"fundiff_step_{suffix}")(first.numel(), out.data_ptr(), threads, count, pointers, coefs)
         return out
     if noise.shape != first.shape:
@@ -404,7 +409,7 @@ def step(coefficients: list[float], tensors: list[torch.Tensor], noise=None, noi
     ids = noise.sample_ids.contiguous()
     rows = ids.numel()
     n = first.numel() // max(1, rows)
-    threads = max(1, min(torch.get_num_threads(), first.numel() // PARALLEL_GRAIN)) if lib.openmp else 1
+    threads = max(1, min(torch.get_num_threads(), first.numel() // DRAW_GRAIN)) if lib.openmp else 1
     getattr(lib, f"fundiff_step_normal_{suffix}")(
         ids.data_ptr(), rows, n, *rng._counter_words(noise.seed, noise.stream, noise.draw), out.data_ptr(), threads,
         float(noise_coefficient), count, pointers, coefs,

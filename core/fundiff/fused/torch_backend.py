@@ -5,7 +5,7 @@ only, float32 or float64) a step is exactly the old ``lincomb``: one multiply, t
 multiply-adds in the order the terms are given, so converting a sampler to the step algebra
 changes neither its cost nor its numbers there. Fresh noise (a Philox noise descriptor after
 the first term) is added in place as it is drawn (:func:`fundiff.rng.add_normal_`: no noise
-tensor on the CPU). On the CPU, at 2^14 elements and more, the compiled step of
+tensor on the CPU). On the CPU, from 2^17 elements (2^12 with fresh noise), the compiled step of
 :mod:`fundiff._native` does the same combination in one pass over memory instead of one per
 term, rounding as those operations do (on a CPU with FMA: bit for bit). Predictions, noise
 as the first term and half-precision operands take the general path: everything resolved
@@ -54,8 +54,8 @@ def _combine(terms: Sequence[Term]) -> torch.Tensor:
         return t0  # the output is an operand: nothing to compute
     if c0 == 0.0 or t0.dtype in _REDUCED:
         raise _General
-    if t0.numel() >= _native.STEP_MIN_ELEMENTS and t0.device.type == "cpu":
-        out = _native_step(terms)
+    if t0.numel() >= _native.STEP_NOISE_MIN_ELEMENTS and t0.device.type == "cpu":
+        out = _native_step(terms, t0.numel())
         if out is not None:
             return out
     out = t0 * c0
@@ -70,10 +70,11 @@ def _combine(terms: Sequence[Term]) -> torch.Tensor:
     return out
 
 
-def _native_step(terms: Sequence[Term]) -> torch.Tensor | None:
+def _native_step(terms: Sequence[Term], numel: int | None = None) -> torch.Tensor | None:
     """The same combination in one pass over memory by the compiled CPU step (rounded as the
-    operations of ``_combine`` round), or None where it does not apply: fresh noise anywhere
-    but last, a prediction, or operands it does not take (see :func:`fundiff._native.step`)."""
+    operations of ``_combine`` round), or None where it does not apply: fewer elements than
+    pay for the call, fresh noise anywhere but last, a prediction, or operands it does not
+    take (see :func:`fundiff._native.step`). ``numel`` None: no size threshold."""
     coefficients, tensors, noise, noise_coefficient = [], [], None, 0.0
     for c, t in terms:
         if c == 0.0:
@@ -87,6 +88,8 @@ def _native_step(terms: Sequence[Term]) -> torch.Tensor | None:
             noise, noise_coefficient = t, c
         else:
             return None
+    if noise is None and numel is not None and numel < _native.STEP_MIN_ELEMENTS:
+        return None
     return _native.step(coefficients, tensors, noise, noise_coefficient)
 
 
