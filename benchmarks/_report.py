@@ -1,9 +1,23 @@
-"""Shared output of the benchmark scripts: sections printed as plain text as they come, and
-the same sections rendered as markdown for ``--out`` (not a benchmark itself)."""
+"""Shared pieces of the benchmark scripts (not a benchmark itself): sections printed as plain
+text as they come and rendered as markdown for ``--out``, and a host-side timer."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+
+def median_seconds(fn: Callable[[], Any], reps: int) -> float:
+    """Median wall time of ``reps`` calls of ``fn`` after one warm-up call (which also
+    compiles or allocates what the first call needs). For CPU work: no device synchronisation."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 class Report:

@@ -29,16 +29,15 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared _report module beside this script
 
-from _report import Report  # noqa: E402
+from _report import Report, median_seconds  # noqa: E402
 
 import fundiff  # noqa: E402
 from fundiff import _native, rng  # noqa: E402
@@ -46,16 +45,6 @@ from fundiff.fused.step import PhiloxNormal  # noqa: E402
 
 A, B, C = 0.8123, 0.1877, -0.0412  # step coefficients (host floats)
 SAMPLE = 1024  # elements per sample: the noise's rows
-
-
-def seconds(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up (and compilation)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def torch_ops_multistep(x, d, dp):
@@ -101,21 +90,21 @@ def measure(mib: float, reps: int, compiled_multistep, compiled_ancestral) -> li
         assert float((compiled_multistep(x, d, dp) - reference_m).abs().max()) <= tolerance
         assert float((compiled_ancestral(x, d, z) - reference_a).abs().max()) <= tolerance
 
-    copy_s = seconds(lambda: dst.copy_(x), reps)
+    copy_s = median_seconds(lambda: dst.copy_(x), reps)
     cells = {
-        ("multistep", "torch ops"): seconds(lambda: torch_ops_multistep(x, d, dp), reps),
-        ("multistep", "native"): seconds(lambda: _native.step([A, B, C], [x, d, dp]), reps),
-        ("ancestral", "torch ops"): seconds(lambda: torch_ops_ancestral(x, d, noise), reps),
-        ("ancestral", "native"): seconds(lambda: _native.step([A, B], [x, d], noise, C), reps),
+        ("multistep", "torch ops"): median_seconds(lambda: torch_ops_multistep(x, d, dp), reps),
+        ("multistep", "native"): median_seconds(lambda: _native.step([A, B, C], [x, d, dp]), reps),
+        ("ancestral", "torch ops"): median_seconds(lambda: torch_ops_ancestral(x, d, noise), reps),
+        ("ancestral", "native"): median_seconds(lambda: _native.step([A, B], [x, d], noise, C), reps),
     }
     if compiled_multistep is not None:
-        cells[("multistep", "compile")] = seconds(lambda: compiled_multistep(x, d, dp), reps)
+        cells[("multistep", "compile")] = median_seconds(lambda: compiled_multistep(x, d, dp), reps)
 
         def draw_then_compiled():
             z = rng.normal(noise.seed, noise.stream, noise.draw, noise.sample_ids, noise.sample_shape, dtype=torch.float32)
             return compiled_ancestral(x, d, z)
 
-        cells[("ancestral", "compile")] = seconds(draw_then_compiled, reps)
+        cells[("ancestral", "compile")] = median_seconds(draw_then_compiled, reps)
     copy_gbs = 2 * size_bytes / copy_s / 1e9
     for step, tensors in (("multistep", 4), ("ancestral", 3)):
         row = [f"{mib:g} MiB", step, f"{copy_gbs:.1f}"]

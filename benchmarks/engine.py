@@ -29,17 +29,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
-import statistics
 import sys
-import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-import fundiff
-from fundiff import _native, rng
-from fundiff.parity import kdiffusion_sampling
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared _report module beside this script
+
+from _report import median_seconds  # noqa: E402
+
+import fundiff  # noqa: E402
+from fundiff import _native, rng  # noqa: E402
+from fundiff.parity import kdiffusion_sampling  # noqa: E402
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
 
@@ -55,16 +58,6 @@ PAIRS = [
     ("dpmpp-2m-sde", {"eta": 1.0}, 1, "sample_dpmpp_2m_sde", {"eta": 1.0}),
     ("dpmpp-3m-sde", {"eta": 1.0}, 1, "sample_dpmpp_3m_sde", {"eta": 1.0}),
 ]
-
-
-def median_seconds(fn: Callable[[], Any], reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def steps_for(nfe: int, calls_per_step: int) -> int:
