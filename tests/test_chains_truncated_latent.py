@@ -29,6 +29,17 @@ from fundiff_plugins.denoisers._autoencoder import Autoencoder
 
 CUT = 0.0  # truncation logSNR of the oracle tests (37 of the linear schedule's 50 DDIM steps are noisier)
 
+#: the recipes' networks and training shrunk to test size (600 steps of 64-wide, 2-block MLPs)
+TEST_SIZE = {
+    "denoiser.width": 64,
+    "denoiser.depth": 2,
+    "train.steps": 600,
+    "train.lr": 3e-3,
+    "train.ema": 0.99,
+    "train.warmup": 50,
+    "sampler.steps": 20,
+}
+
 
 def _oracle(chain: dict | str, steps: int = 50) -> dict:
     return oracle_recipe(chain=chain, sampler={"name": "ddim", "steps": steps})
@@ -327,15 +338,7 @@ def test_truncated_recipe_trains_and_samples_close_to_the_data(tmp_path, registr
     """recipes/truncated.yaml at test size (600 steps of a 64-wide MLP instead of 3000 of a
     128-wide one): the samples' sliced Wasserstein-2 distance to held-out data is under half
     a moment-matched Gaussian's, and sampling skips the grid's steps noisier than logSNR 0."""
-    overrides = {
-        "denoiser.width": 64,
-        "denoiser.depth": 2,
-        "train.steps": 600,
-        "train.lr": 3e-3,
-        "train.ema": 0.99,
-        "train.warmup": 50,
-        "sampler.steps": 20,
-    }
+    overrides = dict(TEST_SIZE)
     pipeline = fundiff.train(
         os.path.join(RECIPES, "truncated.yaml"), tmp_path / "run", quiet=True, registry=registry, overrides=overrides
     )
@@ -354,13 +357,7 @@ def latent_run(tmp_path_factory, registry):
     64-wide denoiser on its codes."""
     overrides = {
         "chain.autoencoder": {"name": "mlp-autoencoder", "latent_dim": 2, "width": 64, "depth": 2, "steps": 600},
-        "denoiser.width": 64,
-        "denoiser.depth": 2,
-        "train.steps": 600,
-        "train.lr": 3e-3,
-        "train.ema": 0.99,
-        "train.warmup": 50,
-        "sampler.steps": 20,
+        **TEST_SIZE,
     }
     run_dir = tmp_path_factory.mktemp("latent")
     pipeline = fundiff.train(os.path.join(RECIPES, "latent.yaml"), run_dir, quiet=True, registry=registry, overrides=overrides)
